@@ -1,0 +1,205 @@
+"""One registry that maps (op, backend) to an implementation.
+
+Every public op in :mod:`mpkernels` validates its arguments and then calls
+:func:`dispatch`, which picks the implementation for the active backend:
+
+* ``'reference'``: the pure-PyTorch oracle (:mod:`mpkernels.reference`).
+* ``'triton'`` / ``'cuda'`` / ...: registered by later modules with
+  :func:`register`; a backend may implement any subset of the ops.
+* ``'auto'`` (default): for the device of the op's tensors, the registered
+  backend with the highest priority that implements the op and accepts the
+  arguments.
+
+An explicitly chosen backend that does not implement an op, or that cannot
+handle particular arguments (a device it does not run on, float64, ...),
+falls back to the reference for that call. ``strict=True`` in
+:func:`set_backend` / :func:`use_backend` turns that fallback into an error,
+which the parity tests use to make sure a fast path really ran.
+
+The active backend is read from plain module state so that ``torch.compile``
+traces through the choice (it is resolved at trace time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = [
+    "register_backend",
+    "register",
+    "available_backends",
+    "registered_backends",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "implementation",
+    "dispatch",
+    "BackendUnavailableError",
+]
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised in strict mode when the chosen backend cannot run an op."""
+
+
+@dataclasses.dataclass
+class _Backend:
+    name: str
+    priority: int  # higher wins under 'auto'
+    is_available: Callable[[], bool]
+    description: str = ""
+
+
+@dataclasses.dataclass
+class _Impl:
+    fn: Callable
+    devices: tuple[str, ...] | None  # device types it runs on, e.g. ('cuda',); None = any
+    supports: Callable[..., bool] | None  # optional finer predicate on the call's args
+
+
+_BACKENDS: dict[str, _Backend] = {}
+_IMPLS: dict[tuple[str, str], _Impl] = {}
+
+
+class _State:
+    backend: str = "auto"
+    strict: bool = False
+
+
+_STATE = _State()
+_AVAILABLE: list[str] | None = None  # cache: availability never changes within a process
+
+
+def register_backend(name: str, *, priority: int, is_available: Callable[[], bool] = lambda: True,
+                     description: str = "") -> None:
+    """Declare a backend. ``is_available`` must be cheap and must not initialise a GPU."""
+    if name == "auto":
+        raise ValueError("backend name 'auto' is reserved")
+    global _AVAILABLE
+    _BACKENDS[name] = _Backend(name, priority, is_available, description)
+    _AVAILABLE = None
+
+
+def register(op: str, backend: str, fn: Callable | None = None, *, devices=("cuda",),
+             supports: Callable[..., bool] | None = None):
+    """Register ``fn`` as the implementation of ``op`` on ``backend``.
+
+    ``fn`` receives exactly the arguments of the public op (already validated).
+    Usable as a decorator: ``@register('mp_silu', 'triton')``.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend {backend!r} is not declared; call register_backend first")
+
+    def deco(f: Callable) -> Callable:
+        _IMPLS[(op, backend)] = _Impl(f, None if devices is None else tuple(devices), supports)
+        return f
+
+    return deco(fn) if fn is not None else deco
+
+
+def registered_backends() -> list[str]:
+    """All declared backends, available or not, highest priority first."""
+    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process, highest priority first (always includes 'reference')."""
+    global _AVAILABLE
+    if _AVAILABLE is not None:
+        return list(_AVAILABLE)
+    out = []
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        try:
+            ok = b.is_available()
+        except Exception:  # an optional dependency that fails to load is simply unavailable
+            ok = False
+        if ok:
+            out.append(b.name)
+    _AVAILABLE = out
+    return list(out)
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    name = name.strip().lower()
+    if name != "auto" and name not in _BACKENDS:
+        raise ValueError(f"backend: unknown backend {name!r}; choose 'auto' or one of {registered_backends()}")
+    if name != "auto" and name not in available_backends():
+        raise ValueError(f"backend: {name!r} is not available in this process; available: {available_backends()}")
+    return name
+
+
+def set_backend(name: str, *, strict: bool = False) -> None:
+    """Choose the backend for all subsequent calls (``'auto'``, ``'reference'``, ``'triton'``, ``'cuda'``)."""
+    _STATE.backend = _check_name(name)
+    _STATE.strict = bool(strict)
+
+
+def get_backend() -> str:
+    return _STATE.backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str, *, strict: bool = False) -> Iterator[None]:
+    """Scoped :func:`set_backend`; restores the previous choice on exit."""
+    prev = (_STATE.backend, _STATE.strict)
+    set_backend(name, strict=strict)
+    try:
+        yield
+    finally:
+        _STATE.backend, _STATE.strict = prev
+
+
+def _device_type(args, kwargs) -> str:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device.type
+    return "cpu"
+
+
+def _accepts(impl: _Impl, device: str, args, kwargs) -> bool:
+    if impl.devices is not None and device not in impl.devices:
+        return False
+    return impl.supports is None or bool(impl.supports(*args, **kwargs))
+
+
+def implementation(op: str, args=(), kwargs=None, backend: str | None = None) -> tuple[str, Callable]:
+    """Return ``(backend_name, fn)`` that :func:`dispatch` would call."""
+    kwargs = kwargs or {}
+    name = _STATE.backend if backend is None else backend
+    device = _device_type(args, kwargs)
+    if name == "auto":
+        for b in available_backends():
+            impl = _IMPLS.get((op, b))
+            if impl is not None and _accepts(impl, device, args, kwargs):
+                return b, impl.fn
+        raise LookupError(f"no implementation of {op!r} for device {device!r}")  # reference covers all
+    impl = _IMPLS.get((op, name))
+    if impl is not None and _accepts(impl, device, args, kwargs):
+        return name, impl.fn
+    if _STATE.strict and name != "reference":
+        raise BackendUnavailableError(
+            f"backend {name!r} cannot run {op!r} for these arguments (device {device!r}); strict mode forbids "
+            "falling back to the reference")
+    return "reference", _IMPLS[(op, "reference")].fn
+
+
+def dispatch(op: str, *args, **kwargs):
+    return implementation(op, args, kwargs)[1](*args, **kwargs)
+
+
+def _initial_backend() -> None:
+    env = os.environ.get("MPKERNELS_BACKEND", "").strip()
+    if env:
+        try:
+            set_backend(env)
+        except ValueError as e:
+            raise ValueError(f"MPKERNELS_BACKEND={env!r}: {e}") from None

@@ -1,0 +1,113 @@
+"""Argument checks shared by every public op.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
+(wrong value, shape or device) with a message that starts with the argument's
+name, before any kernel is launched.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+
+
+def tensor(x, name: str, *, ndim: int | None = None, min_ndim: int | None = None,
+           allow_empty: bool = False) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: unsupported dtype {x.dtype}; expected {_DTYPE_NAMES}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.ndim < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dims, got shape {tuple(x.shape)}")
+    if not allow_empty and x.numel() == 0:
+        raise ValueError(f"{name}: empty tensor (shape {tuple(x.shape)}) is not supported")
+    return x
+
+
+def same_device(pairs: list[tuple[str, torch.Tensor]]) -> None:
+    (n0, t0), rest = pairs[0], pairs[1:]
+    for n, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{n}: on device {t.device} but {n0} is on {t0.device}; all tensors must share a device")
+
+
+def same_shape(na: str, a: torch.Tensor, nb: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{nb}: shape {tuple(b.shape)} does not match {na} shape {tuple(a.shape)}")
+
+
+def same_dtype(na: str, a: torch.Tensor, nb: str, b: torch.Tensor) -> None:
+    if a.dtype != b.dtype:
+        raise TypeError(f"{nb}: dtype {b.dtype} does not match {na} dtype {a.dtype}")
+
+
+def number(v, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: must be finite, got {v}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name}: must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name}: must be <= {hi}, got {v}")
+    return v
+
+
+def interp_t(t, name: str = "t") -> float:
+    """Blend factor of mp_sum / mp_cat: a number in [0, 1]."""
+    return number(t, name, lo=0.0, hi=1.0)
+
+
+def eps(v, name: str = "eps") -> float:
+    return number(v, name, lo=0.0)
+
+
+def gain(g, name: str = "gain", device: torch.device | None = None):
+    """A gain is a real number or a one-element floating tensor (e.g. a learned scalar parameter)."""
+    if isinstance(g, torch.Tensor):
+        if g.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: unsupported dtype {g.dtype}; expected {_DTYPE_NAMES}")
+        if g.numel() != 1:
+            raise ValueError(f"{name}: a tensor gain must have exactly one element, got shape {tuple(g.shape)}")
+        if device is not None and g.device != device:
+            raise ValueError(f"{name}: on device {g.device} but the weight is on {device}")
+        return g
+    return number(g, name)
+
+
+def dim(d: int, ndim: int, name: str = "dim") -> int:
+    if isinstance(d, bool) or not isinstance(d, int):
+        raise TypeError(f"{name}: expected an int, got {type(d).__name__}")
+    if not -ndim <= d < ndim:
+        raise ValueError(f"{name}: {d} out of range for a {ndim}-d tensor")
+    return d % ndim
+
+
+def dims(d, ndim: int, name: str = "dim") -> tuple[int, ...] | None:
+    if d is None:
+        return None
+    if isinstance(d, (list, tuple)):
+        out = tuple(dim(i, ndim, name) for i in d)
+        if len(set(out)) != len(out):
+            raise ValueError(f"{name}: repeated dimension in {d}")
+        if not out:
+            raise ValueError(f"{name}: empty list of dimensions")
+        return out
+    return (dim(d, ndim, name),)
+
+
+def tensor_list(ts, name: str) -> list[torch.Tensor]:
+    if isinstance(ts, torch.Tensor) or not isinstance(ts, (list, tuple)):
+        raise TypeError(f"{name}: expected a list or tuple of tensors, got {type(ts).__name__}")
+    ts = list(ts)
+    for i, t in enumerate(ts):
+        tensor(t, f"{name}[{i}]", allow_empty=True)
+    return ts

@@ -1,0 +1,151 @@
+"""Pure-PyTorch reference of every magnitude-preserving op: the oracle.
+
+Written straight from the equations of ``shared/EDM2_SPEC.md`` §1 (Karras et al.
+2024, "Analyzing and Improving the Training Dynamics of Diffusion Models",
+Appendix B.2 and Eq. 66 for forced weight normalization). Every fast path is
+tested against these functions; keep them short and literal.
+
+Conventions (spec §1): statistics (norms, sums of squares) are computed in
+float32, or in float64 for float64 inputs; results come back in the input
+dtype. Arguments are assumed to be validated by :mod:`mpkernels.functional`.
+Autograd is PyTorch's own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+MP_SILU_SCALE = 0.596  # std of silu(z) for z ~ N(0, 1), spec §1
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for statistics: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
+    """``x / (eps + ||x||_2 / sqrt(K))`` over ``dim`` (spec §1, paper Eq. 66 / App. B.2).
+
+    ``K`` is the number of elements reduced over; ``dim=None`` reduces over every
+    dim but the first. The norm is taken in fp32; the denominator is cast to
+    ``x.dtype`` before the division.
+    """
+    dims = tuple(range(1, x.ndim)) if dim is None else (tuple(dim) if isinstance(dim, (list, tuple)) else (dim,))
+    k = math.prod([x.shape[d] for d in dims])
+    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=stat_dtype(x.dtype))
+    return x / (eps + norm * (1.0 / math.sqrt(k))).to(x.dtype)
+
+
+def pixel_norm(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Pixel norm: :func:`normalize` over the channel dim (spec §1, paper App. B.2)."""
+    return normalize(x, dim=1, eps=eps)
+
+
+def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    """Magnitude-preserving SiLU: ``silu(x) / 0.596`` (spec §1, paper App. B.2)."""
+    return F.silu(x) / MP_SILU_SCALE
+
+
+def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
+    """``lerp(a, b, t) / sqrt((1-t)^2 + t^2)`` (spec §1, paper App. B.2)."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
+    """Magnitude-preserving concatenation (spec §1, paper App. B.2).
+
+    ``C = sqrt((Na + Nb) / ((1-t)^2 + t^2))``;
+    result ``cat([C / sqrt(Na) * (1-t) * a, C / sqrt(Nb) * t * b], dim)``.
+    """
+    na, nb = a.shape[dim], b.shape[dim]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=dim)
+
+
+def mp_fourier(x: torch.Tensor, freqs: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+    """Magnitude-preserving Fourier features ``sqrt(2) * cos(outer(x, freqs) + phases)`` (spec §1).
+
+    ``freqs`` and ``phases`` are stored already multiplied by 2*pi. Computed in
+    fp32, returned in ``x.dtype``; ``x: [N] -> [N, C]``.
+    """
+    sd = stat_dtype(x.dtype)
+    y = torch.outer(x.to(sd), freqs.to(sd)) + phases.to(sd)
+    return (y.cos() * math.sqrt(2)).to(x.dtype)
+
+
+def mp_weight(w: torch.Tensor, gain=1.0, eps: float = 1e-4) -> torch.Tensor:
+    """Effective weight of an MPConv: ``normalize(w) * gain / sqrt(fan_in)`` (spec §1 MPConv steps 1, 3, 4).
+
+    ``normalize`` is the traditional (differentiable) weight normalization over
+    each output row; ``fan_in = w[0].numel()``. Returns fp32 (fp64 for fp64 ``w``);
+    callers cast to the compute dtype.
+    """
+    w = w.to(stat_dtype(w.dtype))
+    return normalize(w, eps=eps) * (gain / math.sqrt(w[0].numel()))
+
+
+def mp_conv2d(x: torch.Tensor, w: torch.Tensor, gain=1.0) -> torch.Tensor:
+    """``conv2d(x, mp_weight(w, gain).to(x.dtype), padding=k//2)`` (spec §1 MPConv step 5)."""
+    return F.conv2d(x, mp_weight(w, gain).to(x.dtype), padding=w.shape[-1] // 2)
+
+
+def mp_linear(x: torch.Tensor, w: torch.Tensor, gain=1.0) -> torch.Tensor:
+    """``x @ mp_weight(w, gain).to(x.dtype).T`` (spec §1 MPConv step 5)."""
+    return F.linear(x, mp_weight(w, gain).to(x.dtype))
+
+
+def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Cosine attention of an EDM2 Block (spec §1, paper App. B.2).
+
+    ``qkv: [N, 3C, H, W]`` with channel index ``head*(3*c_head) + c*3 + j`` (j = q, k, v).
+    Every q, k and v vector is normalized to unit RMS over its ``c_head`` channels,
+    ``A = softmax_k(q^T k / sqrt(c_head))``, ``y = v A^T``; returns ``[N, C, H, W]``.
+    """
+    n, c3, h, w = qkv.shape
+    y = qkv.reshape(n, num_heads, c3 // (3 * num_heads), 3, h * w)
+    q, k, v = normalize(y, dim=2).unbind(3)
+    a = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
+    y = torch.einsum("nhqk,nhck->nhcq", a, v)
+    return y.reshape(n, c3 // 3, h, w)
+
+
+def pixel_norm_mp_silu(x: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixel_norm(x), mp_silu(pixel_norm(x)))``: encoder-block input and residual-branch input (spec §2 steps 2-3)."""
+    xn = pixel_norm(x, eps)
+    return xn, mp_silu(xn)
+
+
+def modulated_mp_silu(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``mp_silu(y * c[:, :, None, None])``, the embedding modulation of a Block (spec §2 step 3)."""
+    return mp_silu(y * c.to(y.dtype)[:, :, None, None])
+
+
+def mp_sum_clip(a: torch.Tensor, b: torch.Tensor, t: float, clip: float) -> torch.Tensor:
+    """``clip(mp_sum(a, b, t), -clip, clip)``: residual sum and activation clipping (spec §2 steps 5-7)."""
+    return mp_sum(a, b, t).clamp(-clip, clip)
+
+
+def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
+    """Resampling with the [1, 1] filter (spec §1): 2x2 average pool ('down'), 2x nearest ('up')."""
+    if mode == "down":
+        return F.avg_pool2d(x, 2)
+    if mode == "up":
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return x
+
+
+@torch.no_grad()
+def force_normalize_(tensors: list[torch.Tensor], eps: float = 1e-4) -> None:
+    """Forced weight normalization, in place: each ``w <- normalize(w)`` (spec §1 MPConv step 2, paper Eq. 66)."""
+    for w in tensors:
+        w.copy_(normalize(w.to(stat_dtype(w.dtype)), eps=eps))
+
+
+@torch.no_grad()
+def ema_lerp_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], weight: float) -> None:
+    """EMA update, in place: each ``e <- e + weight * (t - e)`` (spec §7)."""
+    for e, t in zip(ema_tensors, tensors):
+        e.lerp_(t.to(e.dtype), weight)
