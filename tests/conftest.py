@@ -1,0 +1,52 @@
+"""Shared test helpers: fp64 oracles and the error rule of STYLE.md.
+
+A low-precision result is judged against PyTorch's own error at that dtype: both the
+candidate and eager PyTorch (the reference op run in the low dtype) are compared with
+the float64 reference, and the candidate's max error may be at most ``factor`` times
+eager's plus a small absolute floor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "python")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, tuple]:
+    """Largest absolute difference and where it is."""
+    d = (a.double() - b.double()).abs()
+    if d.numel() == 0:
+        return 0.0, ()
+    idx = int(d.argmax())
+    return float(d.flatten()[idx]), tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), d.shape))
+
+
+def assert_close_to_oracle(out: torch.Tensor, oracle: torch.Tensor, eager: torch.Tensor | None = None,
+                           factor: float = 2.0, floor: float | None = None, name: str = "output") -> None:
+    """``|out - oracle|.max() <= factor * |eager - oracle|.max() + floor`` (both sides checked)."""
+    assert out.shape == oracle.shape, f"{name}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
+    err, where = max_err(out, oracle)
+    if floor is None:
+        floor = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[out.dtype]
+        floor *= max(1.0, float(oracle.abs().max()))
+    budget = floor + (factor * max_err(eager, oracle)[0] if eager is not None else 0.0)
+    assert err <= budget, (f"{name}: max abs error {err:.3g} at {where} exceeds {budget:.3g} "
+                           f"(out={float(out.flatten()[0]) if out.numel() else 0:.4g}, dtype {out.dtype})")
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend():
+    import mpkernels as mk
+    prev = mk.get_backend()
+    yield
+    mk.set_backend(prev)
