@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 # Module paths of optional backends, in no particular order (priorities decide).
-BACKEND_MODULES: tuple[str, ...] = ()
+BACKEND_MODULES: tuple[str, ...] = ("mpkernels.triton", "mpkernels.cuda")
 
 _ERRORS: dict[str, str] = {}
 

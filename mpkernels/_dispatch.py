@@ -53,6 +53,7 @@ class _Backend:
     priority: int  # higher wins under 'auto'
     is_available: Callable[[], bool]
     description: str = ""
+    auto_devices: tuple[str, ...] | None = None  # device types 'auto' may pick it for (None = any)
 
 
 @dataclasses.dataclass
@@ -76,12 +77,18 @@ _AVAILABLE: list[str] | None = None  # cache: availability never changes within 
 
 
 def register_backend(name: str, *, priority: int, is_available: Callable[[], bool] = lambda: True,
-                     description: str = "") -> None:
-    """Declare a backend. ``is_available`` must be cheap and must not initialise a GPU."""
+                     description: str = "", auto_devices=None) -> None:
+    """Declare a backend. ``is_available`` must be cheap and must not initialise a GPU.
+
+    ``auto_devices``: device types for which ``'auto'`` may choose this backend (None: any
+    device it has implementations for). The Triton backend, for example, runs on CPU
+    tensors under ``TRITON_INTERPRET=1`` for testing, but 'auto' never picks it there.
+    """
     if name == "auto":
         raise ValueError("backend name 'auto' is reserved")
     global _AVAILABLE
-    _BACKENDS[name] = _Backend(name, priority, is_available, description)
+    _BACKENDS[name] = _Backend(name, priority, is_available, description,
+                               None if auto_devices is None else tuple(auto_devices))
     _AVAILABLE = None
 
 
@@ -178,6 +185,9 @@ def implementation(op: str, args=(), kwargs=None, backend: str | None = None) ->
     device = _device_type(args, kwargs)
     if name == "auto":
         for b in available_backends():
+            auto_devices = _BACKENDS[b].auto_devices
+            if auto_devices is not None and device not in auto_devices:
+                continue
             impl = _IMPLS.get((op, b))
             if impl is not None and _accepts(impl, device, args, kwargs):
                 return b, impl.fn

@@ -14,6 +14,12 @@ import sys
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when kernels are decorated, so it must be set before mpkernels
+# is imported. Without a GPU, Triton kernels then run on CPU tensors (slowly) for parity tests;
+# 'auto' never picks the interpreter, only tests that ask for backend 'triton' use it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for p in (ROOT, os.path.join(ROOT, "python")):
     if p not in sys.path:
