@@ -70,6 +70,7 @@ _IMPLS: dict[tuple[str, str], _Impl] = {}
 class _State:
     backend: str = "auto"
     strict: bool = False
+    simulate: str | None = None  # device type that meta tensors stand in for (see simulate())
 
 
 _STATE = _State()
@@ -165,11 +166,31 @@ def use_backend(name: str, *, strict: bool = False) -> Iterator[None]:
 
 def _device_type(args, kwargs) -> str:
     for a in list(args) + list(kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            return a.device.type
         if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
-            return a[0].device.type
+            a = a[0]
+        if isinstance(a, torch.Tensor):
+            t = a.device.type
+            return _STATE.simulate if t == "meta" and _STATE.simulate else t
     return "cpu"
+
+
+@contextlib.contextmanager
+def simulate(backend: str, device_type: str = "cuda") -> Iterator[None]:
+    """Route ops on *meta* tensors to ``backend`` as if they lived on ``device_type``.
+
+    For launch and traffic accounting without the hardware: a backend's custom ops run
+    their fake (meta) functions, so a whole training step can be traced on the meta
+    device with the ops the backend would launch on a GPU. The backend only has to be
+    registered, not available. Never use this for real computation.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; registered: {registered_backends()}")
+    prev = (_STATE.backend, _STATE.strict, _STATE.simulate)
+    _STATE.backend, _STATE.strict, _STATE.simulate = backend, False, device_type
+    try:
+        yield
+    finally:
+        _STATE.backend, _STATE.strict, _STATE.simulate = prev
 
 
 def _accepts(impl: _Impl, device: str, args, kwargs) -> bool:

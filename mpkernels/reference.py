@@ -23,7 +23,7 @@ MP_SILU_SCALE = 0.596  # std of silu(z) for z ~ N(0, 1), spec §1
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype for statistics: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""The parity and benchmark suite: ``python -m benchmarks --help``."""

@@ -1,0 +1,285 @@
+"""Benchmark cases: every mpkernels op at the shapes that occur in an EDM2 network.
+
+The shapes are not typed in by hand: the preset's network is run once on the meta
+device while every ``mk.*`` call is recorded, so the cases are exactly the (op,
+shapes, scalar arguments) the network uses, with how often each occurs per forward.
+The multi-tensor ops get the network's full weight list.
+
+Bytes: each case declares the bytes its op *must* move (read every input once,
+write every output once, plus the fp32 statistics a fused backward needs); GB/s and
+% of copy bandwidth are computed from these, never from what a given kernel
+happens to move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+
+import mpkernels as mk
+import mpkernels.functional as mkf
+
+OPS = ["normalize", "pixel_norm", "mp_silu", "mp_sum", "mp_cat", "mp_fourier", "mp_weight", "mp_conv2d", "mp_linear",
+       "cosine_attention", "pixel_norm_mp_silu", "modulated_mp_silu", "mp_sum_clip", "resample", "force_normalize_",
+       "ema_lerp_"]
+INPLACE_OPS = {"force_normalize_", "ema_lerp_"}
+
+# A small network for CPU runs (interpreter parity, CPU timing): every op and code path of
+# the full network (attention, skips, up/down) at a size a 2-core machine handles in seconds.
+SMALL_CONFIG = dict(img_resolution=16, img_channels=4, label_dim=10, model_channels=32, channel_mult=[1, 2],
+                    num_blocks=1, attn_resolutions=[8], channels_per_head=32)
+
+
+@dataclasses.dataclass
+class Spec:
+    """One recorded call: tensor args as (shape, role) and the non-tensor args."""
+    op: str
+    args: tuple  # tensors as ("T", shape, role) with role 'act' (compute dtype) or 'fp32'; others as values
+    count: int = 1
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    label: str
+    count: int  # occurrences per network forward
+    make: Callable[[torch.dtype, torch.device, torch.Generator], list]  # -> call args
+    diff: tuple[int, ...]  # indices of args that get gradients (empty: no backward)
+    bytes_fwd: Callable[[torch.dtype], int]
+    bytes_bwd: Callable[[torch.dtype], int]
+    flops_fwd: float = 0.0
+    flops_bwd: float = 0.0
+
+    def call(self, *args):
+        return getattr(mk, self.op)(*args)
+
+
+def _esize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# --- recording the network's calls ------------------------------------------------------------
+
+@contextlib.contextmanager
+def _recording(calls: list):
+    real = mkf.dispatch
+
+    def recorder(op, *args):
+        calls.append((op, args))
+        return real(op, *args)
+
+    mkf.dispatch = recorder
+    try:
+        yield
+    finally:
+        mkf.dispatch = real
+
+
+def _role(t: torch.Tensor) -> str:
+    # The network is recorded with an fp16 U-Net: fp16 tensors are activations (they take the
+    # benchmark's compute dtype); fp32 ones (weights, embeddings, noise levels) stay fp32.
+    return "act" if t.dtype == torch.float16 else "fp32"
+
+
+def record_network_calls(net_kwargs: dict, batch: int) -> list[Spec]:
+    """Run the network once on the meta device and return the distinct mk calls it makes."""
+    from edm2fast.networks import Precond
+
+    with torch.device("meta"):
+        net = Precond(**{**net_kwargs, "dtype": "fp16"}).eval()
+    x = torch.empty(batch, net.img_channels, net.img_resolution, net.img_resolution, device="meta")
+    sigma = torch.empty(batch, device="meta")
+    labels = torch.empty(batch, net.label_dim, device="meta") if net.label_dim else None
+    calls: list = []
+    with _recording(calls), mk.use_backend("reference"), torch.no_grad():
+        net(x, sigma, labels, return_logvar=True)
+    specs: dict = {}
+    for op, args in calls:
+        key_args = tuple(("T", tuple(a.shape), _role(a)) if isinstance(a, torch.Tensor) else a for a in args)
+        key = (op, key_args)
+        if key in specs:
+            specs[key].count += 1
+        else:
+            specs[key] = Spec(op, key_args)
+    out = list(specs.values())
+    weights = [tuple(p.shape) for n, p in net.named_parameters() if p.ndim >= 2]
+    params = [tuple(p.shape) for p in net.parameters()]
+    out.append(Spec("force_normalize_", (("L", weights), 1e-4)))
+    out.append(Spec("ema_lerp_", (("L", params), ("L", params), 0.01)))
+    return out
+
+
+# --- bytes and flops each op must move / do ---------------------------------------------------
+
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+def must_move_bytes(op: str, args: tuple, es: int) -> tuple[int, int]:
+    """(forward, backward) bytes an ideal fused implementation of ``op`` reads and writes.
+
+    ``args`` are the recorded args (tensors as ("T", shape, role)); ``es`` the element size
+    of the compute dtype. fp32 tensors (weights, embeddings) count 4 bytes per element.
+    Backward reads the incoming gradient(s) and what it must recompute from, and writes
+    one gradient per differentiable input.
+    """
+    def nbytes(a):
+        return _numel(a[1]) * (4 if a[2] == "fp32" else es)
+
+    t = [a for a in args if isinstance(a, tuple) and a and a[0] == "T"]
+    if op == "mp_silu":
+        n = nbytes(t[0])
+        return 2 * n, 3 * n
+    if op in ("pixel_norm", "normalize"):
+        n = nbytes(t[0])
+        stats = _numel(t[0][1]) // t[0][1][1] * 4 if op == "pixel_norm" else 0  # fp32 inverse norm per pixel
+        return 2 * n + stats, 3 * n + stats
+    if op == "pixel_norm_mp_silu":
+        n = nbytes(t[0])
+        stats = _numel(t[0][1]) // t[0][1][1] * 4
+        return 3 * n + stats, 4 * n + stats  # fwd: x -> xn, y; bwd: g_xn, g_y, x (+stats) -> dx
+    if op == "modulated_mp_silu":
+        n, c = nbytes(t[0]), nbytes(t[1])
+        return 2 * n + c, 3 * n + 2 * c  # bwd: g, y, c -> dy, dc
+    if op == "mp_sum":
+        n = nbytes(t[0])
+        return 3 * n, 3 * n  # bwd: g -> da, db
+    if op == "mp_sum_clip":
+        n = nbytes(t[0])
+        return 3 * n, 4 * n  # bwd also reads the output for the clip mask
+    if op == "mp_cat":
+        n = nbytes(t[0]) + nbytes(t[1])
+        return 2 * n, 2 * n
+    if op == "resample":
+        n = nbytes(t[0])
+        mode = args[1]
+        m = n // 4 if mode == "down" else (n * 4 if mode == "up" else n)
+        return n + m, n + m
+    if op == "mp_fourier":
+        x, f, p = t
+        out = x[1][0] * f[1][0] * 4
+        return nbytes(x) + nbytes(f) + nbytes(p) + out, out + nbytes(x) * 2 + nbytes(f) + nbytes(p)
+    if op == "mp_weight":
+        n = _numel(t[0][1]) * 4
+        return 2 * n, 3 * n
+    if op in ("mp_conv2d", "mp_linear"):
+        x, w = t[0], t[1]
+        xb, wb = nbytes(x), _numel(w[1]) * 4
+        if op == "mp_conv2d":
+            out = x[1][0] * w[1][0] * x[1][2] * x[1][3] * es
+        else:
+            out = _numel(x[1][:-1]) * w[1][0] * es
+        return xb + wb + out, out + xb + wb + xb + wb  # bwd: g, x, w -> dx, dw
+    if op == "cosine_attention":
+        q = t[0]
+        n = nbytes(q)
+        out = n // 3
+        heads = args[1]
+        lse = q[1][0] * heads * q[1][2] * q[1][3] * 4
+        norms = 3 * q[1][0] * heads * q[1][2] * q[1][3] * 4
+        return n + out + lse + norms, n + 2 * out + lse + norms + n  # bwd: qkv, out, g, stats -> dqkv
+    if op == "force_normalize_":
+        n = sum(_numel(s) for s in args[0][1]) * 4
+        return 2 * n, 0
+    if op == "ema_lerp_":
+        n = sum(_numel(s) for s in args[0][1]) * 4
+        return 3 * n, 0
+    raise KeyError(op)
+
+
+def flops(op: str, args: tuple) -> tuple[float, float]:
+    """(forward, backward) floating-point operations for the math-bound ops (2 per multiply-add)."""
+    t = [a for a in args if isinstance(a, tuple) and a and a[0] == "T"]
+    if op == "mp_conv2d":
+        x, w = t[0][1], t[1][1]
+        f = 2.0 * x[0] * w[0] * x[2] * x[3] * w[1] * w[2] * w[3]
+        return f, 2 * f
+    if op == "mp_linear":
+        x, w = t[0][1], t[1][1]
+        f = 2.0 * _numel(x[:-1]) * w[0] * w[1]
+        return f, 2 * f
+    if op == "cosine_attention":
+        n, c3, h, w = t[0][1]
+        heads = args[1]
+        ch, L = c3 // 3 // heads, h * w
+        f = 4.0 * n * heads * L * L * ch  # q k^T and a v
+        return f, 2.5 * f  # recompute q k^T, then dv, dp, dq, dk
+    return 0.0, 0.0
+
+
+# --- turning specs into runnable cases ---------------------------------------------------------
+
+def _label(args) -> str:
+    parts = []
+    for a in args:
+        if isinstance(a, tuple) and a and a[0] == "T":
+            parts.append("x".join(map(str, a[1])) + ("f32" if a[2] == "fp32" else ""))
+        elif isinstance(a, tuple) and a and a[0] == "L":
+            parts.append(f"{len(a[1])} tensors")
+        elif a is not None:
+            parts.append(str(a))
+    return " ".join(parts)
+
+
+def _diff_indices(op: str, args) -> tuple[int, ...]:
+    if op in INPLACE_OPS:
+        return ()
+    idx = [i for i, a in enumerate(args) if isinstance(a, tuple) and a and a[0] == "T"]
+    if op == "mp_fourier":
+        return (0,)
+    return tuple(idx)
+
+
+def case_from_spec(spec: Spec) -> Case:
+    op, args = spec.op, spec.args
+
+    def make(dtype, device, gen):
+        out = []
+        for i, a in enumerate(args):
+            if isinstance(a, tuple) and a and a[0] == "T":
+                dt = torch.float32 if a[2] == "fp32" and dtype != torch.float64 else dtype
+                t = torch.randn(a[1], generator=gen, dtype=torch.float32).to(device=device, dtype=dt)
+                if op == "modulated_mp_silu" and i == 1:
+                    t = t * 0.3 + 1  # like c = emb_linear(emb) + 1
+                if op == "mp_sum_clip":
+                    t = t * 200  # make the clip (256) active on some elements
+                out.append(t)
+            elif isinstance(a, tuple) and a and a[0] == "L":
+                dt = torch.float32 if dtype != torch.float64 else dtype
+                out.append([torch.randn(s, generator=gen, dtype=torch.float32).to(device=device, dtype=dt)
+                            for s in a[1]])
+            else:
+                out.append(a)
+        return out
+
+    ff, fb = flops(op, args)
+    return Case(op=op, label=_label(args), count=spec.count, make=make, diff=_diff_indices(op, args),
+                bytes_fwd=lambda dt: must_move_bytes(op, args, _esize(dt))[0],
+                bytes_bwd=lambda dt: must_move_bytes(op, args, _esize(dt))[1], flops_fwd=ff, flops_bwd=fb)
+
+
+def select(specs: list[Spec], ops: list[str] | None, max_per_op: int) -> list[Spec]:
+    """Keep the requested ops and at most ``max_per_op`` shapes per op (the largest, one per size class)."""
+    by_op: dict[str, list[Spec]] = {}
+    for s in specs:
+        if ops and s.op not in ops:
+            continue
+        by_op.setdefault(s.op, []).append(s)
+
+    def size(s):
+        return sum(_numel(a[1]) for a in s.args if isinstance(a, tuple) and a and a[0] == "T") + \
+            sum(sum(_numel(x) for x in a[1]) for a in s.args if isinstance(a, tuple) and a and a[0] == "L")
+
+    out = []
+    for op in OPS:
+        cands = sorted(by_op.get(op, []), key=size, reverse=True)
+        if max_per_op > 0 and len(cands) > max_per_op:
+            # spread the picks over the size range so every resolution class is represented
+            step = (len(cands) - 1) / (max_per_op - 1) if max_per_op > 1 else 0
+            cands = [cands[round(i * step)] for i in range(max_per_op)]
+        out.extend(cands)
+    return out

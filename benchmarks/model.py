@@ -1,0 +1,180 @@
+"""Model level: a whole training step and the sampler, per backend, plus launch/traffic accounting.
+
+Training step = forced weight normalization, forward, backward, force-finite
+gradients, Adam (betas 0.9, 0.99), power-function EMA update. Variants:
+
+* ``reference``: the reference ops written the way the authors' release runs them
+  (forced weight normalization inside every MPConv forward, eager).
+* ``reference+compile``: the reference network under ``torch.compile``, with one
+  multi-tensor ``force_normalize_`` call per step (the compile-friendly way, spec §1).
+* each fused backend, eager, with the multi-tensor call.
+
+Accounting (needs no GPU): the step's forward and backward are traced on the meta
+device under a ``TorchDispatchMode`` that counts every non-view op (about one kernel
+launch each) and the bytes of its declared inputs and outputs. Fused backends are
+traced with :func:`mpkernels._dispatch.simulate`, so their custom ops count as the
+single launches they are on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import mpkernels as mk
+from mpkernels import _dispatch
+
+from .measure import PeakMemory, timeit
+
+_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _build(net_kwargs: dict, dtype: torch.dtype, device, seed: int = 0):
+    from edm2fast.networks import Precond
+    torch.manual_seed(seed)
+    with torch.device(device):
+        net = Precond(**{**net_kwargs, "dtype": _DT[dtype]})
+    return net
+
+
+def _batch(net, batch: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, generator=g).to(device)
+    labels = None
+    if net.label_dim:
+        labels = torch.eye(net.label_dim)[torch.randint(0, net.label_dim, (batch,), generator=g)].to(device)
+    return x, labels
+
+
+def forward_flops(net_kwargs: dict) -> float:
+    """Forward FLOPs per image (2 per multiply-add), counted on the meta device."""
+    net = _build(net_kwargs, torch.float32, "meta").eval()
+    x = torch.empty(1, net.img_channels, net.img_resolution, net.img_resolution, device="meta")
+    labels = torch.empty(1, net.label_dim, device="meta") if net.label_dim else None
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), mk.use_backend("reference"):
+        net(x, torch.ones(1, device="meta"), labels)
+    return float(fc.get_total_flops())
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.bytes = 0
+        self.by_op: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "is_view", False) or func.overloadpacket in _FREE or not _has_tensor(out):
+            return out
+        self.ops += 1
+        name = str(func.overloadpacket).replace("<OpOverloadPacket(op='", "").rstrip("')>")
+        self.by_op[name] = self.by_op.get(name, 0) + 1
+        self.bytes += _nbytes(args) + _nbytes(kwargs or {}) + _nbytes(out)
+        return out
+
+
+# Ops that move no data and launch nothing (allocation, metadata).
+_FREE = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like, torch.ops.aten.detach,
+         torch.ops.aten.lift_fresh}
+
+
+def _has_tensor(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    return isinstance(obj, (list, tuple)) and any(_has_tensor(o) for o in obj) or obj is None
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o) for o in obj.values())
+    return 0
+
+
+def account_step(net_kwargs: dict, batch: int, dtype: torch.dtype, backend: str) -> dict:
+    """Ops (~launches) and bytes of one training step's forward+backward, weight norm and EMA, on meta."""
+    from edm2fast.loss import EDM2Loss
+    from edm2fast.networks import forced_norm_weights, set_forced_weight_norm
+
+    net = _build(net_kwargs, dtype, "meta").train()
+    x, labels = (torch.empty(batch, net.img_channels, net.img_resolution, net.img_resolution, device="meta"),
+                 torch.empty(batch, net.label_dim, device="meta") if net.label_dim else None)
+    ema = [torch.empty_like(p) for p in net.parameters()]
+    fused = backend != "reference"
+    if fused:
+        set_forced_weight_norm(net, False)
+    loss_fn = EDM2Loss()
+    counter = _Counter()
+    ctx = _dispatch.simulate(backend) if fused else mk.use_backend("reference")
+    with ctx, counter:
+        if fused:
+            mk.force_normalize_(forced_norm_weights(net))
+        loss = loss_fn(net, x, labels).sum() / batch
+        loss.backward()
+        mk.ema_lerp_(ema, [p.detach() for p in net.parameters()], 0.01)
+    top = sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:12]
+    return {"backend": backend, "ops": counter.ops, "GiB": counter.bytes / 2 ** 30, "top_ops": dict(top)}
+
+
+def train_step(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch.device, variant: str,
+               min_time: float) -> dict:
+    """Images/s and peak memory of a full training step for ``variant`` (see module docstring)."""
+    from edm2fast.loss import EDM2Loss
+    from edm2fast.networks import forced_norm_weights, set_forced_weight_norm
+    from edm2fast.phema import PowerFunctionEMA
+
+    backend = "reference" if variant.startswith("reference") else variant
+    compiled = variant.endswith("+compile")
+    net = _build(net_kwargs, dtype, device).train()
+    if variant != "reference":
+        set_forced_weight_norm(net, False)
+    model = torch.compile(net) if compiled else net
+    ema = PowerFunctionEMA(net, stds=(0.05, 0.10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), fused=device.type == "cuda")
+    loss_fn = EDM2Loss()
+    x, labels = _batch(net, batch, device)
+    weights = forced_norm_weights(net)
+    state = {"nimg": 0}
+
+    def step():
+        with mk.use_backend(backend):
+            if variant != "reference":
+                mk.force_normalize_(weights)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, x, labels).sum() / batch
+            loss.backward()
+            for p in net.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+            opt.step()
+            state["nimg"] += batch
+            ema.update(state["nimg"], batch)
+
+    step()  # warm-up / compile
+    with PeakMemory(device) as pm:
+        step()
+    t = timeit(step, device, min_time=min_time, max_reps=50, warmup=1)
+    return {"variant": variant, "ms_per_step": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
+            "images_per_s": batch / (t["median_ms"] * 1e-3), "peak_mem_bytes": pm.peak}
+
+
+def sampling(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch.device, backend: str,
+             num_steps: int = 32, min_time: float = 0.5) -> dict:
+    """Images/s of the Heun sampler (2 * num_steps - 1 network evaluations per image)."""
+    from edm2fast.sampler import edm_sampler
+
+    net = _build(net_kwargs, dtype, device).eval()
+    x, labels = _batch(net, batch, device)
+
+    def run():
+        with torch.no_grad(), mk.use_backend(backend):
+            edm_sampler(net, x, labels, num_steps=num_steps)
+
+    t = timeit(run, device, min_time=min_time, max_reps=10, warmup=1)
+    return {"backend": backend, "ms_per_batch": t["median_ms"], "images_per_s": batch / (t["median_ms"] * 1e-3),
+            "evaluations_per_image": 2 * num_steps - 1}

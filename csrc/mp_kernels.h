@@ -1,0 +1,91 @@
+// Launchers of the mpkernels extension: raw pointers, sizes and strides (in elements), no torch
+// types, so that the .cu files compile without torch headers. bindings.cpp validates tensors,
+// picks the layout and calls one of the two twins: mpk::cpu::* (csrc/mp_cpu.cpp) or
+// mpk::cuda::* (csrc/*.cu, only when built with MPK_WITH_CUDA). Both share csrc/mp_math.h.
+//
+// Conventions, shared by every launcher:
+// * Every tensor argument of one call has the same strides (bindings.cpp copies when needed).
+// * Element counts and offsets are below 2^31 per tensor (bindings.cpp checks).
+// * Statistics saved for backward are fp32: `rms` = ||x|| / sqrt(K) of each normalized row.
+#pragma once
+
+#include <cstdint>
+
+#if defined(MPK_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace mpk {
+
+enum class DType : int8_t { F32 = 0, F16 = 1, BF16 = 2 };
+
+// A tensor seen as [N, C, L]: batch, channels, all spatial dims collapsed into one. Pixel norm
+// reduces over C; its kernels need sC == 1 (channels_last) or sL == 1 (NCHW).
+struct NCL {
+  int64_t N, C, L;
+  int64_t sN, sC, sL;
+};
+
+// force_normalize_: `rows` rows of `len` contiguous elements each (a dense weight whose first
+// dim is outermost; the order inside a row does not matter for a per-row norm).
+struct RowTensor {
+  void* ptr;
+  int64_t rows, len;
+  DType dtype;
+};
+
+// ema_lerp_: ema <- lerp(ema, src, weight) over `numel` elements laid out alike.
+struct LerpPair {
+  void* ema;
+  const void* src;
+  int64_t numel;
+  DType ema_dtype, src_dtype;
+};
+
+// Both twins declare the same launchers; the CUDA ones take the stream last.
+#define MPK_DECLARE_LAUNCHERS(...)                                                                 \
+  void mp_silu_fwd(DType dt, int64_t n, const void* x, void* y __VA_ARGS__);                       \
+  void mp_silu_bwd(DType dt, int64_t n, const void* g, const void* x, void* gx __VA_ARGS__);       \
+  /* y = clip(lerp(a, b, t) * scale, -clip, clip) */                                               \
+  void mp_sum_clip_fwd(DType dt, int64_t n, const void* a, const void* b, void* y, float t,         \
+                       float scale, float clip __VA_ARGS__);                                        \
+  void mp_sum_clip_bwd(DType dt, int64_t n, const void* g, const void* a, const void* b, void* ga,  \
+                       void* gb, float t, float scale, float clip __VA_ARGS__);                     \
+  /* out = mp_silu(y * c[n, ch]); c: [N, C] of dtype cdt with strides (csN, csC) */                 \
+  void modulated_mp_silu_fwd(DType dt, const NCL& s, const void* y, const void* c, DType cdt,       \
+                             int64_t csN, int64_t csC, void* out __VA_ARGS__);                      \
+  /* gy = g * mp_silu'(y c) * c;  gc[n, ch] = sum_l g * mp_silu'(y c) * y, stored in cdt with */     \
+  /* strides (gcsN, gcsC); `workspace` holds modulated_mp_silu_bwd_workspace(s) floats */           \
+  void modulated_mp_silu_bwd(DType dt, const NCL& s, const void* g, const void* y, const void* c,   \
+                             DType cdt, int64_t csN, int64_t csC, void* gy, void* gc, int64_t gcsN, \
+                             int64_t gcsC, float* workspace __VA_ARGS__);                           \
+  /* xn = x / (eps + rms) over C; y = mp_silu(xn) when y != nullptr; rms: [N, L] contiguous */      \
+  void pixel_norm_fwd(DType dt, const NCL& s, const void* x, void* xn, void* y, float* rms,         \
+                      float eps __VA_ARGS__);                                                       \
+  /* gxn / gy may be nullptr (no gradient); gy != nullptr means the mp_silu output was used */      \
+  void pixel_norm_bwd(DType dt, const NCL& s, const void* gxn, const void* gy, const void* x,      \
+                      const float* rms, void* gx, float eps __VA_ARGS__);                           \
+  /* out (fp32) = w / (eps + rms_row) * gain / sqrt(len); gain = *gain_ptr (dtype gdt) if given */  \
+  void mp_weight_fwd(DType dt, int64_t rows, int64_t len, const void* w, const void* gain_ptr,      \
+                     DType gdt, float gain, float eps, float* out, float* rms __VA_ARGS__);         \
+  /* g: fp32 gradient of out; ggain (dtype gdt, one element) written when not nullptr; */           \
+  /* `workspace` holds `rows` floats */                                                             \
+  void mp_weight_bwd(DType dt, int64_t rows, int64_t len, const float* g, const void* w,           \
+                     const void* gain_ptr, DType gdt, float gain, const float* rms, float eps,      \
+                     void* gw, void* ggain, float* workspace __VA_ARGS__);                          \
+  void force_normalize(const RowTensor* tensors, int64_t count, float eps __VA_ARGS__);             \
+  void ema_lerp(const LerpPair* pairs, int64_t count, float weight __VA_ARGS__);
+
+namespace cpu {
+MPK_DECLARE_LAUNCHERS()
+}  // namespace cpu
+
+#if defined(MPK_WITH_CUDA)
+namespace cuda {
+MPK_DECLARE_LAUNCHERS(, cudaStream_t stream)
+// Number of floats modulated_mp_silu_bwd needs as workspace for shape `s`.
+int64_t modulated_mp_silu_bwd_workspace(const NCL& s);
+}  // namespace cuda
+#endif
+
+}  // namespace mpk

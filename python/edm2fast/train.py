@@ -1,0 +1,789 @@
+"""EDM2 training loop as a library (spec §5-7): ``train(TrainConfig(...))`` or ``Trainer(config).run()``.
+
+One step (``batch`` images, spec §6):
+
+1. ``lr = schedule.learning_rate(cur_nimg, batch, lr, decay, rampup)``;
+2. forced weight normalization of every MPConv weight, once, with one multi-tensor
+   ``mk.force_normalize_`` call (spec §1 design note: the forward pass stays pure);
+3. ``batch / (batch_gpu * world_size)`` accumulation rounds of ``EDM2Loss``, each seeded
+   from ``(seed, rank, cur_nimg, round)``, gradients summed (DDP all-reduces on the last);
+4. gradients forced finite, Adam (betas 0.9, 0.99) step;
+5. every power-function EMA updated (spec §7).
+
+All randomness of a step (data order, noise levels, noise, dropout) is a function of the
+seed and ``cur_nimg``, so a run stopped at any checkpoint and resumed gives bit-identical
+weights to an uninterrupted one. Rank 0 writes everything (atomically): EMA snapshots
+``<prefix>-<kimg:07d>-<std:.3f>.safetensors``, checkpoints ``training-state-<nimg>.pt``,
+``stats.jsonl`` and ``training_options.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+import mpkernels as mk
+
+from . import networks, phema, presets, schedule
+from .loss import EDM2Loss
+
+__all__ = [
+    "SMALL_PRESETS", "TrainConfig", "Trainer", "train", "parse_nimg", "format_nimg", "resolve_preset",
+    "preset_names", "find_checkpoints", "atomic_write", "snapshot_name", "ConfigMismatchError",
+]
+
+Ki, Mi = 1 << 10, 1 << 20
+
+# Small configurations for quick runs (the spec's twelve presets are in ``presets.PRESETS``).
+# Resolution and channels always come from the dataset; these give the rest.
+_TINY_NET = {"model_channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 1, "attn_resolutions": [8],
+             "dropout": 0.0}
+SMALL_PRESETS: dict[str, dict] = {
+    # Any small dataset; a few minutes on a laptop CPU for 16-32 px images.
+    "tiny": {"network": dict(_TINY_NET), "lr": 0.0100, "decay": 2000, "duration": 256 * Ki, "P_mean": -0.8,
+             "P_std": 1.6, "batch": 128, "betas": (0.9, 0.99), "ema_stds": (0.050, 0.100), "rampup": 0.004,
+             "snapshot": 16 * Ki, "checkpoint": 64 * Ki, "data": "pixels"},
+    # The built-in scikit-learn digits (16 or 32 px, class-conditional): the README demo.
+    "digits": {"network": dict(_TINY_NET), "lr": 0.0100, "decay": 1000, "duration": 128 * Ki, "P_mean": -0.8,
+               "P_std": 1.6, "batch": 128, "betas": (0.9, 0.99), "ema_stds": (0.050, 0.100), "rampup": 0.002,
+               "snapshot": 8 * Ki, "checkpoint": 32 * Ki, "data": "pixels"},
+}
+
+# Config fields that may differ between a checkpoint and the run resuming it: they change
+# neither the trained weights nor the meaning of what is written.
+_RESUMABLE_CHANGES = {"duration", "slice", "status", "checkpoint", "snapshot", "backend", "compile", "workers",
+                      "device", "progress", "keep_checkpoints", "batch_gpu", "run_dir"}
+
+_CHECKPOINT_RE = re.compile(r"^training-state-(\d+)\.pt$")
+
+
+class ConfigMismatchError(ValueError):
+    """The configuration of a resumed run differs from the checkpoint's."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers: image counts, presets, file names, atomic writes.
+
+_NIMG_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(Ki|Mi|Gi|k|M|G|kimg|Mimg)?\s*$")
+_NIMG_UNITS = {None: 1, "Ki": Ki, "Mi": Mi, "Gi": 1 << 30, "k": 1000, "kimg": 1000, "M": 10 ** 6, "Mimg": 10 ** 6,
+               "G": 10 ** 9}
+
+
+def parse_nimg(value, name: str = "value") -> int:
+    """An image count: ``4096``, ``128Ki``, ``8Mi``, ``100k``, ``2.5M`` (Ki/Mi: powers of two)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected an image count, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        n = int(value)
+    else:
+        m = _NIMG_RE.match(str(value))
+        if not m:
+            raise ValueError(f"{name}: expected an image count like 4096, 128Ki, 8Mi or 100k, got {value!r}")
+        n = float(m.group(1)) * _NIMG_UNITS[m.group(2)]
+        if not math.isfinite(n) or abs(n - round(n)) > 1e-6 * max(1.0, n):
+            raise ValueError(f"{name}: {value!r} is not a whole number of images")
+        n = int(round(n))
+    if n < 0:
+        raise ValueError(f"{name}: must be >= 0, got {value!r}")
+    return n
+
+
+def format_nimg(n: int) -> str:
+    """Inverse of :func:`parse_nimg` for display: ``8Mi``, ``128Ki`` or the plain count."""
+    for unit, size in (("Mi", Mi), ("Ki", Ki)):
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def preset_names() -> list[str]:
+    return sorted(SMALL_PRESETS) + sorted(presets.PRESETS)
+
+
+def resolve_preset(name: str) -> dict:
+    """A deep copy of preset ``name`` (the spec's presets or :data:`SMALL_PRESETS`)."""
+    if name in SMALL_PRESETS:
+        return copy.deepcopy(SMALL_PRESETS[name])
+    if name in presets.PRESETS:
+        p = copy.deepcopy(presets.PRESETS[name])
+        p.setdefault("rampup", 10.0)            # Mimg, spec §6
+        p.setdefault("snapshot", 8 * Mi)        # spec §7
+        p.setdefault("checkpoint", 128 * Mi)
+        return p
+    raise ValueError(f"preset: unknown preset {name!r}; choose one of {preset_names()}")
+
+
+def snapshot_name(prefix: str, nimg: int, std: float) -> str:
+    """``<prefix>-<kimg:07d>-<std:.3f>.safetensors`` (kimg = nimg // 1000)."""
+    return f"{prefix}-{nimg // 1000:07d}-{std:.3f}.safetensors"
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """Write ``path`` through ``write_fn(file)`` into a temporary file, fsync, then rename.
+
+    A crash or a kill at any moment leaves either the old file or the complete new one.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_json(path: str, obj) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def find_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """``[(nimg, path)]`` of the checkpoints in ``run_dir``, newest first (temporary files ignored)."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in os.listdir(run_dir):
+        m = _CHECKPOINT_RE.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(run_dir, name)))
+    return sorted(found, reverse=True)
+
+
+def _step_seed(*values: int) -> int:
+    """A 63-bit seed that is a pure function of ``values`` (seed, rank, cur_nimg, round, ...)."""
+    state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run; ``None`` means "the preset's value".
+
+    Image counts (``duration``, ``snapshot``, ``checkpoint``, ``status``, ``slice``) accept
+    ``parse_nimg`` strings (``'8Mi'``, ``'128Ki'``, ``'100k'``).
+    """
+
+    run_dir: str
+    data: str = "digits16"          # dataset: a path, or 'digits16' / 'digits32' (built in)
+    preset: str = "digits"
+    cond: bool = True               # class-conditional when the dataset has labels
+    channels: int | None = None     # model_channels override
+    dropout: float | None = None
+    lr: float | None = None         # reference learning rate (alpha_ref)
+    decay: float | None = None      # t_ref, in iterations
+    P_mean: float | None = None
+    P_std: float | None = None
+    duration: Any = None            # total training images
+    batch: int | None = None        # images per optimizer step, over all ranks
+    batch_gpu: int | None = None    # images per rank per accumulation round (default: all at once)
+    rampup: float | None = None     # learning-rate warm-up, Mimg
+    dtype: str | None = None        # 'fp16' | 'bf16' | 'fp32' (default fp16 on CUDA, fp32 on CPU)
+    loss_scale: float = 1.0
+    backend: str = "auto"           # mpkernels backend
+    compile: bool = False
+    seed: int = 0
+    ema_stds: tuple = (0.050, 0.100)
+    snapshot: Any = None            # images between EMA snapshots
+    snapshot_dtype: str = "fp16"
+    prefix: str = "phema"
+    checkpoint: Any = None          # images between checkpoints
+    keep_checkpoints: int = 2
+    status: Any = None              # images between status lines (default: about 50 per run)
+    slice: Any = None               # stop after this many images in this invocation
+    device: str | None = None       # default: cuda:LOCAL_RANK if available, else cpu
+    workers: int = 0                # DataLoader workers (0: load in the main process)
+    progress: bool = True           # tqdm progress bar (rank 0)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ema_stds"] = [float(s) for s in d["ema_stds"]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"config: unknown fields {unknown}")
+        return cls(**d)
+
+
+def _resolve(cfg: TrainConfig) -> dict:
+    """Fill the preset's defaults in and validate; returns a flat JSON-able dict."""
+    p = resolve_preset(cfg.preset)
+    r = cfg.to_dict()
+    for key in ("lr", "decay", "P_mean", "P_std", "batch", "rampup"):
+        if r[key] is None:
+            r[key] = p[key]
+    r["duration"] = parse_nimg(r["duration"] if r["duration"] is not None else p["duration"], "duration")
+    r["snapshot"] = parse_nimg(r["snapshot"] if r["snapshot"] is not None else p["snapshot"], "snapshot")
+    r["checkpoint"] = parse_nimg(r["checkpoint"] if r["checkpoint"] is not None else p["checkpoint"], "checkpoint")
+    r["slice"] = parse_nimg(r["slice"], "slice") if r["slice"] is not None else None
+    net = dict(p["network"])
+    if r["channels"] is not None:
+        net["model_channels"] = int(r["channels"])
+    if r["dropout"] is not None:
+        net["dropout"] = float(r["dropout"])
+    r["network"] = net
+    r["betas"] = list(p.get("betas", (0.9, 0.99)))
+
+    def positive(name, integer=False, allow_zero=False):
+        v = r[name]
+        ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v >= 0 if allow_zero else v > 0) and (not integer or int(v) == v)
+        if not ok:
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"{name}: expected {kind} {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+    positive("batch", integer=True)
+    r["batch"] = int(r["batch"])
+    if r["batch_gpu"] is not None:
+        positive("batch_gpu", integer=True)
+        r["batch_gpu"] = int(r["batch_gpu"])
+    positive("lr", allow_zero=True)
+    positive("decay")
+    positive("P_std", allow_zero=True)
+    positive("rampup", allow_zero=True)
+    positive("loss_scale")
+    positive("duration", integer=True)
+    positive("snapshot", integer=True)
+    positive("checkpoint", integer=True)
+    if not isinstance(r["P_mean"], (int, float)) or not math.isfinite(r["P_mean"]):
+        raise ValueError(f"P_mean: expected a finite number, got {r['P_mean']!r}")
+    if r["snapshot"] < 1000:
+        raise ValueError(f"snapshot: snapshots are named by kimg, so the interval must be >= 1000 images, "
+                         f"got {r['snapshot']}")
+    if not isinstance(net["model_channels"], int) or net["model_channels"] < 1:
+        raise ValueError(f"channels: expected a positive integer, got {net['model_channels']!r}")
+    if not 0 <= net["dropout"] < 1:
+        raise ValueError(f"dropout: expected a value in [0, 1), got {net['dropout']!r}")
+    if r["dtype"] is not None and r["dtype"] not in ("fp16", "bf16", "fp32"):
+        raise ValueError(f"dtype: expected fp16, bf16 or fp32, got {r['dtype']!r}")
+    if r["snapshot_dtype"] not in ("fp16", "bf16", "fp32"):
+        raise ValueError(f"snapshot_dtype: expected fp16, bf16 or fp32, got {r['snapshot_dtype']!r}")
+    stds = [float(s) for s in np.atleast_1d(r["ema_stds"])]
+    if not stds:
+        raise ValueError("ema_stds: give at least one sigma_rel")
+    for s in stds:
+        if not 0 < s < phema.MAX_STD:
+            raise ValueError(f"ema_stds: sigma_rel must be in (0, {phema.MAX_STD:.4f}), got {s}")
+    if len({f"{s:.3f}" for s in stds}) != len(stds):
+        raise ValueError(f"ema_stds: values must differ in the third decimal (file names), got {stds}")
+    r["ema_stds"] = stds
+    if not re.match(r"^[A-Za-z0-9_.]+$", str(r["prefix"])):
+        raise ValueError(f"prefix: use letters, digits, '_' and '.', got {r['prefix']!r}")
+    if r["status"] is not None:
+        r["status"] = parse_nimg(r["status"], "status")
+    if r["slice"] is not None and r["slice"] <= 0:
+        raise ValueError(f"slice: expected a positive image count, got {cfg.slice!r}")
+    if not isinstance(r["keep_checkpoints"], int) or r["keep_checkpoints"] < 1:
+        raise ValueError(f"keep_checkpoints: expected an integer >= 1, got {r['keep_checkpoints']!r}")
+    if int(r["seed"]) != r["seed"] or r["seed"] < 0:
+        raise ValueError(f"seed: expected an integer >= 0, got {r['seed']!r}")
+    if r["workers"] < 0:
+        raise ValueError(f"workers: expected an integer >= 0, got {r['workers']!r}")
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+class _Data:
+    """The dataset seen by the trainer: ``fetch(indices, generator) -> (x, labels)`` on a device.
+
+    Pixels (uint8) are mapped to ``x / 127.5 - 1``; latents are scaled as in spec §5 by the
+    dataset module. Labels are one-hot float32 ``[N, label_dim]``, or ``None``.
+    """
+
+    def __init__(self, spec: str):
+        from . import data as data_module  # colleague's module (io/convert/data part of issue 6)
+        self.module = data_module
+        self.spec = spec
+        self.dataset = data_module.open_dataset(spec)
+        ds = self.dataset
+        self.name = getattr(ds, "name", str(spec))
+        self.length = len(ds)
+        if self.length == 0:
+            raise ValueError(f"data: {spec!r} holds no items")
+        self.resolution = int(ds.resolution)
+        self.channels = int(ds.num_channels)
+        self.label_dim = int(getattr(ds, "label_dim", 0) or 0)
+        self.kind = getattr(ds, "kind", "pixels")
+        self._cache = None
+
+    def preload(self, device) -> None:
+        """Keep the whole dataset on ``device`` (small datasets)."""
+        items = [self.dataset[i] for i in range(self.length)]
+        self._cache = self._collate(items, device)
+
+    def _collate(self, items, device):
+        xs, labels = [], []
+        for item in items:
+            x, label = item if isinstance(item, (tuple, list)) else (item, None)
+            xs.append(torch.as_tensor(np.asarray(x)))
+            labels.append(label)
+        x = torch.stack(xs).to(device)
+        lab = None
+        if self.label_dim:
+            lab = torch.zeros(len(items), self.label_dim, dtype=torch.float32)
+            for k, label in enumerate(labels):
+                label = np.asarray(label)
+                if label.ndim == 0:
+                    lab[k, int(label)] = 1
+                else:
+                    lab[k] = torch.as_tensor(label, dtype=torch.float32)
+            lab = lab.to(device)
+        return x, lab
+
+    def fetch(self, indices: torch.Tensor, device, generator=None):
+        if self._cache is not None:
+            idx = indices.to(self._cache[0].device)
+            x = self._cache[0][idx]
+            lab = self._cache[1][idx] if self._cache[1] is not None else None
+        else:
+            x, lab = self._collate([self.dataset[int(i)] for i in indices.tolist()], device)
+        return self.encode(x.to(device), generator), lab
+
+    def encode(self, x, generator=None):
+        if self.kind == "latents":
+            return self.module.encode_latents(x, generator=generator)
+        return x.to(torch.float32) / 127.5 - 1
+
+
+class _IndexStream:
+    """Deterministic, sharded, infinite data order: a function of (seed, images seen) only.
+
+    Global position ``p`` maps to ``perm_{p // N}[p % N]`` (a fresh permutation per epoch,
+    seeded by ``(seed, epoch)``). Accumulation round ``j`` of the step at ``cur_nimg`` covers
+    positions ``cur_nimg + j*B_r ... + B_r`` (``B_r = batch_gpu * world``), of which rank ``r``
+    takes the ``r``-th block of ``batch_gpu``: shards never overlap.
+    """
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed = length, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(_step_seed(self.seed, 0x5EED, epoch))
+            self._perms[epoch] = torch.randperm(self.length, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        pos = torch.arange(start, start + count, dtype=torch.int64)
+        epochs = pos // self.length
+        out = torch.empty(count, dtype=torch.int64)
+        for e in torch.unique(epochs).tolist():
+            sel = epochs == e
+            out[sel] = self._perm(e)[pos[sel] % self.length]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+
+def _save_checkpoint(path: str, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _load_checkpoint(path: str) -> dict:
+    """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != "edm2fast-training-state-v1":
+        raise ValueError(f"{path}: not an edm2fast training checkpoint")
+    return state
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer, bit for bit."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer.
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return rss / 2 ** 20 if sys.platform != "darwin" else rss / 2 ** 30
+
+
+class Trainer:
+    """Holds the run's state; :meth:`run` trains until ``duration`` or the end of the ``slice``.
+
+    ``log`` receives every status line (default: print on rank 0).
+    """
+
+    def __init__(self, config: TrainConfig | dict, log=None):
+        if isinstance(config, dict):
+            config = TrainConfig.from_dict(config)
+        self.config = config
+        self.cfg = _resolve(config)
+        self._log_fn = log
+        self._setup_distributed()
+        self.is_writer = self.rank == 0
+        self.run_dir = os.path.abspath(self.cfg["run_dir"])
+
+        mk.set_backend(self.cfg["backend"])
+        self.data = _Data(self.cfg["data"])
+        cfg = self.cfg
+        if cfg["dtype"] is None:
+            cfg["dtype"] = "fp16" if self.device.type == "cuda" else "fp32"
+        if cfg["status"] is None:
+            cfg["status"] = max(cfg["batch"], cfg["duration"] // 50 // cfg["batch"] * cfg["batch"])
+
+        world = self.world_size
+        if cfg["batch"] % world:
+            raise ValueError(f"batch: {cfg['batch']} is not divisible by the number of processes ({world})")
+        per_rank = cfg["batch"] // world
+        batch_gpu = cfg["batch_gpu"] or per_rank
+        if per_rank % batch_gpu:
+            raise ValueError(f"batch_gpu: {batch_gpu} must divide the per-process batch {per_rank} "
+                             f"(batch {cfg['batch']} over {world} processes)")
+        self.batch_gpu = batch_gpu
+        self.rounds = per_rank // batch_gpu
+
+        label_dim = self.data.label_dim if cfg["cond"] else 0
+        self.network_kwargs = dict(cfg["network"], img_resolution=self.data.resolution,
+                                   img_channels=self.data.channels, label_dim=label_dim)
+        res = self.data.resolution
+        levels = len(self.network_kwargs.get("channel_mult", (1, 2, 3, 4)))
+        if res % (1 << (levels - 1)):
+            raise ValueError(f"data: resolution {res} is not divisible by 2^{levels - 1} "
+                             f"(the network has {levels} levels)")
+
+        torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+        self.net = networks.Precond(dtype=cfg["dtype"], **self.network_kwargs).to(self.device)
+        self.net.train().requires_grad_(True)
+        networks.set_forced_weight_norm(self.net, False)  # done once per step instead (spec §1 note)
+        self._mpconv_weights = networks.forced_norm_weights(self.net)
+        self.loss_fn = EDM2Loss(P_mean=cfg["P_mean"], P_std=cfg["P_std"])
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=1e-8,
+                                          fused=fused or None)
+        self.ema = phema.PowerFunctionEMA(self.net, stds=cfg["ema_stds"])
+        self.cur_nimg = 0
+        self.stream = _IndexStream(self.data.length, cfg["seed"])
+        self._ddp = None
+        self._forward = self.net
+        self.resumed_from = None
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _setup_distributed(self):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world_size = world
+        device = self.cfg["device"]
+        if device is None:
+            device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = False  # as the reference (spec §6)
+            torch.backends.cudnn.allow_tf32 = False
+        self.distributed = world > 1
+        if self.distributed and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+            self._owns_process_group = True
+        else:
+            self._owns_process_group = False
+
+    def log(self, msg: str) -> None:
+        if not self.is_writer:
+            return
+        if self._log_fn is not None:
+            self._log_fn(msg)
+        else:
+            try:
+                from tqdm import tqdm
+                tqdm.write(msg, file=sys.stdout)
+            except ImportError:
+                print(msg, flush=True)
+
+    # -- checkpoints and snapshots ---------------------------------------------------------------
+
+    def _identity(self) -> dict:
+        return {k: v for k, v in self.cfg.items() if k not in _RESUMABLE_CHANGES}
+
+    def state_dict(self) -> dict:
+        state = {
+            "format": "edm2fast-training-state-v1",
+            "config": json.dumps(self.cfg, sort_keys=True),
+            "network_kwargs": json.dumps(self.network_kwargs, sort_keys=True),
+            "cur_nimg": self.cur_nimg,
+            "world_size": self.world_size,
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict, path: str = "checkpoint") -> None:
+        saved = json.loads(state["config"])
+        saved_identity = {k: v for k, v in saved.items() if k not in _RESUMABLE_CHANGES}
+        now = self._identity()
+        diffs = [f"{k}: {saved_identity.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+                 for k in sorted(set(saved_identity) | set(now)) if saved_identity.get(k) != now.get(k)]
+        if diffs:
+            raise ConfigMismatchError(
+                f"{path} was written with a different configuration ({'; '.join(diffs)}); "
+                f"resume with the same settings or train into a new --outdir")
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        self.cur_nimg = int(state["cur_nimg"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of the run directory that loads; False if there is none."""
+        errors = []
+        for nimg, path in find_checkpoints(self.run_dir):
+            try:
+                state = _load_checkpoint(path)
+            except Exception as e:  # a damaged file: fall back to the previous checkpoint
+                errors.append(f"{os.path.basename(path)}: {type(e).__name__}: {e}")
+                self.log(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {e})")
+                continue
+            self.load_state_dict(state, path)
+            self.resumed_from = path
+            self.log(f"resumed from {path} at {self.cur_nimg} images")
+            return True
+        if errors:
+            raise ValueError(f"no readable checkpoint in {self.run_dir}: {'; '.join(errors)}")
+        return False
+
+    def save_checkpoint(self) -> str | None:
+        path = os.path.join(self.run_dir, f"training-state-{self.cur_nimg:012d}.pt")
+        if self.is_writer:
+            _save_checkpoint(path, self.state_dict())
+            for _, old in find_checkpoints(self.run_dir)[self.cfg["keep_checkpoints"]:]:
+                with contextlib.suppress(OSError):
+                    os.remove(old)
+        self._barrier()
+        return path
+
+    def snapshot_metadata(self, std: float) -> dict:
+        return {
+            "preset": self.cfg["preset"], "network_kwargs": self.network_kwargs, "nimg": self.cur_nimg,
+            "sigma_rel": float(std), "dataset": self.data.name, "data_kind": self.data.kind,
+            "dtype": self.cfg["dtype"], "batch": self.cfg["batch"], "seed": self.cfg["seed"],
+        }
+
+    def save_snapshots(self) -> list[str]:
+        paths = []
+        if self.is_writer:
+            for std, ema in zip(self.ema.stds, self.ema.emas):
+                path = os.path.join(self.run_dir, snapshot_name(self.cfg["prefix"], self.cur_nimg, std))
+                _save_snapshot(ema, path, self.cfg["snapshot_dtype"], self.snapshot_metadata(std))
+                paths.append(path)
+        self._barrier()
+        return paths
+
+    def _barrier(self):
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def check_ranks_in_sync(self) -> str:
+        """sha256 of the network; raises if the ranks disagree (they must be identical)."""
+        fp = _fingerprint(self.net)
+        if self.distributed:
+            fps = [None] * self.world_size
+            torch.distributed.all_gather_object(fps, fp)
+            if len(set(fps)) != 1:
+                raise RuntimeError(f"network weights differ between ranks: {fps}")
+        return fp
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _prepare(self):
+        if self.data.length * self.data.resolution ** 2 * self.data.channels <= (1 << 28) and self.cfg["workers"] == 0:
+            self.data.preload(self.device)
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self._ddp = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                            broadcast_buffers=False)
+            self._forward = self._ddp
+        if self.cfg["compile"]:
+            self._forward = torch.compile(self._forward)
+
+    def _round_batch(self, cur_nimg: int, j: int, generator):
+        B_r = self.batch_gpu * self.world_size
+        start = cur_nimg + j * B_r + self.rank * self.batch_gpu
+        return self.data.fetch(self.stream.indices(start, self.batch_gpu), self.device, generator)
+
+    def step(self) -> tuple[float, int]:
+        """One optimizer step; returns (sum of per-element losses of this rank, element count)."""
+        cfg = self.cfg
+        lr = schedule.learning_rate(self.cur_nimg, cfg["batch"], ref_lr=cfg["lr"], ref_batches=cfg["decay"],
+                                    rampup_Mimg=cfg["rampup"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.lr = lr
+        mk.force_normalize_(self._mpconv_weights)  # forced weight normalization (paper Eq. 66)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros([], dtype=torch.float64, device=self.device)
+        count = 0
+        for j in range(self.rounds):
+            seed = _step_seed(cfg["seed"], self.rank, self.cur_nimg, j)
+            torch.manual_seed(seed)  # dropout draws from the global generator
+            gen = torch.Generator(self.device).manual_seed(seed)
+            images, labels = self._round_batch(self.cur_nimg, j, gen)
+            sync = self._ddp is None or j == self.rounds - 1
+            with contextlib.nullcontext() if sync else self._ddp.no_sync():
+                loss = self.loss_fn(self._forward, images, labels, generator=gen)
+                (loss.sum() * (cfg["loss_scale"] / cfg["batch"])).backward()
+            loss_sum += loss.detach().sum().double()
+            count += loss.numel()
+        for p in self.net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)  # force finite
+        self.optimizer.step()
+        self.cur_nimg += cfg["batch"]
+        self.ema.update(self.cur_nimg, cfg["batch"])
+        return loss_sum, count
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.distributed:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def run(self) -> dict:
+        """Resume if possible, then train to ``duration`` or to the end of the slice."""
+        cfg = self.cfg
+        if self.is_writer:
+            os.makedirs(self.run_dir, exist_ok=True)
+        self._barrier()
+        self.resume()
+        if self.is_writer and self.resumed_from is None:
+            _write_json(os.path.join(self.run_dir, "training_options.json"),
+                        dict(cfg, network_kwargs=self.network_kwargs, world_size=self.world_size))
+        self._prepare()
+        duration = cfg["duration"]
+        stop = duration if cfg["slice"] is None else min(duration, self.cur_nimg + cfg["slice"])
+        batch = cfg["batch"]
+        self.log(f"training {self.data.name} ({self.data.length} items, {self.data.resolution}px, "
+                 f"{self.data.channels} ch, label_dim {self.network_kwargs['label_dim']}) with preset "
+                 f"{cfg['preset']}: {sum(p.numel() for p in self.net.parameters()):,} parameters, batch {batch} "
+                 f"({self.rounds} x {self.batch_gpu} x {self.world_size} processes), {cfg['dtype']}, "
+                 f"backend {mk.get_backend()}, device {self.device}; from {self.cur_nimg} to {stop} "
+                 f"of {duration} images")
+        start_nimg = self.cur_nimg
+        bar = None
+        if cfg["progress"] and self.is_writer:
+            try:
+                from tqdm import tqdm
+                bar = tqdm(total=stop, initial=self.cur_nimg, unit="img", unit_scale=True, dynamic_ncols=True,
+                           leave=False, file=sys.stderr, mininterval=1.0)
+            except ImportError:
+                bar = None
+        stats_path = os.path.join(self.run_dir, "stats.jsonl")
+        window_loss, window_count, window_t0, window_n0 = 0.0, 0, time.time(), self.cur_nimg
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        last_loss = float("nan")
+        try:
+            while self.cur_nimg < stop:
+                prev = self.cur_nimg
+                loss_sum, count = self.step()
+                window_loss += float(loss_sum)
+                window_count += count
+                if bar is not None:
+                    bar.update(self.cur_nimg - prev)
+                done = self.cur_nimg >= duration
+                crossed = lambda interval: self.cur_nimg // interval > prev // interval  # noqa: E731
+                if crossed(cfg["status"]) or self.cur_nimg >= stop:
+                    tot_loss, tot_count = self._reduce([window_loss, float(window_count)])
+                    last_loss = tot_loss / max(tot_count, 1)
+                    elapsed = time.time() - window_t0
+                    sec_per_kimg = elapsed / max(self.cur_nimg - window_n0, 1) * 1000
+                    mem = self._reduce([_peak_memory_gib(self.device)])[0] / self.world_size
+                    rec = {"nimg": self.cur_nimg, "kimg": self.cur_nimg / 1000, "loss": last_loss, "lr": self.lr,
+                           "sec_per_kimg": sec_per_kimg, "peak_mem_gib": mem, "time": time.time()}
+                    self.log(f"kimg {self.cur_nimg / 1000:9.1f}  sec/kimg {sec_per_kimg:7.2f}  loss {last_loss:.4f}  "
+                             f"lr {self.lr:.3g}  peak mem {mem:.2f} GiB")
+                    if self.is_writer:
+                        with open(stats_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                    window_loss, window_count, window_t0, window_n0 = 0.0, 0, time.time(), self.cur_nimg
+                    if self.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(self.device)
+                if crossed(cfg["snapshot"]) or done:
+                    self.save_snapshots()
+                if crossed(cfg["checkpoint"]) or self.cur_nimg >= stop:
+                    fp = self.check_ranks_in_sync()
+                    path = self.save_checkpoint()
+                    self.log(f"checkpoint {os.path.basename(path)} (weights sha256 {fp[:16]}, identical on "
+                             f"{self.world_size} process{'es' if self.world_size > 1 else ''})")
+        finally:
+            if bar is not None:
+                bar.close()
+        fp = self.check_ranks_in_sync()
+        finished = self.cur_nimg >= duration
+        self.log(("training finished" if finished else "slice finished") +
+                 f" at {self.cur_nimg} images ({self.cur_nimg - start_nimg} this run); weights sha256 {fp}")
+        return {"cur_nimg": self.cur_nimg, "finished": finished, "loss": last_loss, "fingerprint": fp,
+                "run_dir": self.run_dir}
+
+    def close(self):
+        if self._owns_process_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            self._owns_process_group = False
+
+
+def _save_snapshot(net: torch.nn.Module, path: str, dtype: str, metadata: dict) -> None:
+    from . import io as edm_io  # colleague's module: safetensors + metadata, atomic
+    edm_io.save(net, path, dtype=dtype, **metadata)
+
+
+def train(config: TrainConfig | dict, log=None) -> dict:
+    """Train (resuming from the newest checkpoint of ``config.run_dir``); returns a summary dict."""
+    trainer = Trainer(config, log=log)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
