@@ -113,6 +113,27 @@ def record_network_calls(net_kwargs: dict, batch: int) -> list[Spec]:
     return out
 
 
+def network_specs(net_kwargs: dict, batch: int) -> list[Spec]:
+    """The network's calls, plus the public ops the fused network does not call on its own at
+    the same shapes (pixel_norm, normalize, mp_weight), minus identity resampling."""
+    specs = [s for s in record_network_calls(net_kwargs, batch) if not (s.op == "resample" and s.args[1] == "keep")]
+    extra = []
+    for s in specs:
+        if s.op == "pixel_norm_mp_silu":
+            extra.append(Spec("pixel_norm", s.args, s.count))
+            extra.append(Spec("normalize", (s.args[0], (1,), s.args[1]), s.count))
+        if s.op in ("mp_conv2d", "mp_linear"):
+            extra.append(Spec("mp_weight", (s.args[1], s.args[2], 1e-4), s.count))
+    merged: dict = {}
+    for s in extra:
+        key = (s.op, s.args)
+        if key in merged:
+            merged[key].count += s.count
+        else:
+            merged[key] = s
+    return specs + list(merged.values())
+
+
 # --- bytes and flops each op must move / do ---------------------------------------------------
 
 def _numel(shape) -> int:

@@ -92,11 +92,7 @@ def main(argv=None) -> int:
             return 2
         all_backends = [b for b in all_backends if b in want]
 
-    specs = C.record_network_calls(net_kwargs, batch)
-    specs = [s for s in specs if not (s.op == "resample" and s.args[1] == "keep")]  # identity
-    for s in [s for s in specs if s.op == "pixel_norm_mp_silu"]:  # standalone norms at the same shapes
-        specs.append(C.Spec("pixel_norm", s.args, s.count))
-        specs.append(C.Spec("normalize", (s.args[0], (1,), s.args[1]), s.count))
+    specs = C.network_specs(net_kwargs, batch)
     cases = [C.case_from_spec(s) for s in C.select(specs, ops, max_shapes)]
 
     out_dir = args.out or os.path.join("bench-out", f"{(info.get('gpu') or 'cpu').replace(' ', '_')}-"

@@ -19,8 +19,10 @@ namespace mpk {
 
 enum class DType : int8_t { F32 = 0, F16 = 1, BF16 = 2 };
 
-// A tensor seen as [N, C, L]: batch, channels, all spatial dims collapsed into one. Pixel norm
-// reduces over C; its kernels need sC == 1 (channels_last) or sL == 1 (NCHW).
+// A tensor seen as [N, C, L]: batch, channels, all spatial dims collapsed into one. Kernels take
+// the channels_last path when sC == 1 and the NCHW path otherwise, which needs sL == 1.
+// bindings.cpp canonicalises the strides of size-1 dims (sN = 0 if N == 1, sC = 1 if C == 1,
+// sL = 1 if L == 1) and copies tensors that fit neither path.
 struct NCL {
   int64_t N, C, L;
   int64_t sN, sC, sL;

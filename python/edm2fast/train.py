@@ -37,12 +37,13 @@ import torch
 
 import mpkernels as mk
 
+from . import io as edm_io
 from . import networks, phema, presets, schedule
 from .loss import EDM2Loss
 
 __all__ = [
     "SMALL_PRESETS", "TrainConfig", "Trainer", "train", "parse_nimg", "format_nimg", "resolve_preset",
-    "preset_names", "find_checkpoints", "atomic_write", "snapshot_name", "ConfigMismatchError",
+    "preset_names", "find_checkpoints", "snapshot_name", "ConfigMismatchError",
 ]
 
 Ki, Mi = 1 << 10, 1 << 20
@@ -67,7 +68,7 @@ SMALL_PRESETS: dict[str, dict] = {
 _RESUMABLE_CHANGES = {"duration", "slice", "status", "checkpoint", "snapshot", "backend", "compile", "workers",
                       "device", "progress", "keep_checkpoints", "batch_gpu", "run_dir"}
 
-_CHECKPOINT_RE = re.compile(r"^training-state-(\d+)\.pt$")
+_CHECKPOINT_RE = re.compile(r"^training-state-(\d+)\.safetensors$")
 
 
 class ConfigMismatchError(ValueError):
@@ -131,35 +132,9 @@ def snapshot_name(prefix: str, nimg: int, std: float) -> str:
     return f"{prefix}-{nimg // 1000:07d}-{std:.3f}.safetensors"
 
 
-def atomic_write(path: str, write_fn) -> None:
-    """Write ``path`` through ``write_fn(file)`` into a temporary file, fsync, then rename.
-
-    A crash or a kill at any moment leaves either the old file or the complete new one.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_json(path: str, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+    with edm_io.atomic_open(path, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def find_checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -412,16 +387,20 @@ class _IndexStream:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints.
 
-def _save_checkpoint(path: str, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+_CHECKPOINT_FORMAT = "edm2fast-training-state-v1"
 
 
-def _load_checkpoint(path: str) -> dict:
-    """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != "edm2fast-training-state-v1":
+def _save_checkpoint(path: str, state: dict, meta: dict) -> None:
+    """Safetensors (``io.save_state``): tensors plus a JSON skeleton, written atomically."""
+    edm_io.save_state(path, state, dict(meta, kind=_CHECKPOINT_FORMAT))
+
+
+def _load_checkpoint(path: str) -> tuple[dict, dict]:
+    """``(state, meta)``; nothing is unpickled. ValueError for damaged or foreign files."""
+    state, meta = edm_io.load_state(path)
+    if meta.get("kind") != _CHECKPOINT_FORMAT or not isinstance(state, dict):
         raise ValueError(f"{path}: not an edm2fast training checkpoint")
-    return state
+    return state, meta
 
 
 def _fingerprint(module: torch.nn.Module) -> str:
@@ -489,7 +468,7 @@ class Trainer:
                              f"(the network has {levels} levels)")
 
         torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-        self.net = networks.Precond(dtype=cfg["dtype"], **self.network_kwargs).to(self.device)
+        self.net = edm_io.build_net(dtype=cfg["dtype"], **self.network_kwargs).to(self.device)
         self.net.train().requires_grad_(True)
         networks.set_forced_weight_norm(self.net, False)  # done once per step instead (spec §1 note)
         self._mpconv_weights = networks.forced_norm_weights(self.net)
@@ -544,26 +523,18 @@ class Trainer:
     def _identity(self) -> dict:
         return {k: v for k, v in self.cfg.items() if k not in _RESUMABLE_CHANGES}
 
-    def state_dict(self) -> dict:
-        state = {
-            "format": "edm2fast-training-state-v1",
-            "config": json.dumps(self.cfg, sort_keys=True),
-            "network_kwargs": json.dumps(self.network_kwargs, sort_keys=True),
-            "cur_nimg": self.cur_nimg,
-            "world_size": self.world_size,
-            "net": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-        }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
+    def state_dict(self) -> tuple[dict, dict]:
+        """``(state, meta)`` of a checkpoint: tensors and nested state, and JSON metadata."""
+        state = {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "ema": self.ema.state_dict(), "rng": edm_io.rng_state()}
+        meta = {"config": self.cfg, "network_kwargs": self.network_kwargs, "cur_nimg": self.cur_nimg,
+                "world_size": self.world_size}
+        return state, meta
 
-    def load_state_dict(self, state: dict, path: str = "checkpoint") -> None:
-        saved = json.loads(state["config"])
+    def load_state_dict(self, state: dict, meta: dict, path: str = "checkpoint") -> None:
+        saved = json.loads(json.dumps(meta["config"]))
+        now = json.loads(json.dumps(self._identity()))
         saved_identity = {k: v for k, v in saved.items() if k not in _RESUMABLE_CHANGES}
-        now = self._identity()
         diffs = [f"{k}: {saved_identity.get(k)!r} in the checkpoint, {now.get(k)!r} now"
                  for k in sorted(set(saved_identity) | set(now)) if saved_identity.get(k) != now.get(k)]
         if diffs:
@@ -573,22 +544,24 @@ class Trainer:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
-        self.cur_nimg = int(state["cur_nimg"])
-        torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.cur_nimg = int(meta["cur_nimg"])
+        if meta.get("world_size") != self.world_size:
+            self.log(f"note: the checkpoint was written by {meta.get('world_size')} processes, now "
+                     f"{self.world_size}; training continues correctly but not bit-identically")
+        with contextlib.suppress(Exception):
+            edm_io.set_rng_state(state["rng"])
 
     def resume(self) -> bool:
         """Load the newest checkpoint of the run directory that loads; False if there is none."""
         errors = []
         for nimg, path in find_checkpoints(self.run_dir):
             try:
-                state = _load_checkpoint(path)
+                state, meta = _load_checkpoint(path)
             except Exception as e:  # a damaged file: fall back to the previous checkpoint
                 errors.append(f"{os.path.basename(path)}: {type(e).__name__}: {e}")
                 self.log(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {e})")
                 continue
-            self.load_state_dict(state, path)
+            self.load_state_dict(state, meta, path)
             self.resumed_from = path
             self.log(f"resumed from {path} at {self.cur_nimg} images")
             return True
@@ -597,9 +570,9 @@ class Trainer:
         return False
 
     def save_checkpoint(self) -> str | None:
-        path = os.path.join(self.run_dir, f"training-state-{self.cur_nimg:012d}.pt")
+        path = os.path.join(self.run_dir, f"training-state-{self.cur_nimg:012d}.safetensors")
         if self.is_writer:
-            _save_checkpoint(path, self.state_dict())
+            _save_checkpoint(path, *self.state_dict())
             for _, old in find_checkpoints(self.run_dir)[self.cfg["keep_checkpoints"]:]:
                 with contextlib.suppress(OSError):
                     os.remove(old)
@@ -608,7 +581,7 @@ class Trainer:
 
     def snapshot_metadata(self, std: float) -> dict:
         return {
-            "preset": self.cfg["preset"], "network_kwargs": self.network_kwargs, "nimg": self.cur_nimg,
+            "preset": self.cfg["preset"], "nimg": self.cur_nimg,
             "sigma_rel": float(std), "dataset": self.data.name, "data_kind": self.data.kind,
             "dtype": self.cfg["dtype"], "batch": self.cfg["batch"], "seed": self.cfg["seed"],
         }
@@ -776,7 +749,6 @@ class Trainer:
 
 
 def _save_snapshot(net: torch.nn.Module, path: str, dtype: str, metadata: dict) -> None:
-    from . import io as edm_io  # colleague's module: safetensors + metadata, atomic
     edm_io.save(net, path, dtype=dtype, **metadata)
 
 
