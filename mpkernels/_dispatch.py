@@ -115,21 +115,30 @@ def registered_backends() -> list[str]:
     return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
 
 
+def _available() -> list[str]:
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        out = []
+        for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+            try:
+                ok = b.is_available()
+            except Exception:  # an optional dependency that fails to load is simply unavailable
+                ok = False
+            if ok:
+                out.append(b.name)
+        _AVAILABLE = out
+    return _AVAILABLE
+
+
 def available_backends() -> list[str]:
     """Backends usable in this process, highest priority first (always includes 'reference')."""
+    return list(_available())
+
+
+def refresh_availability() -> None:
+    """Forget the cached availability (call after building an extension at run time)."""
     global _AVAILABLE
-    if _AVAILABLE is not None:
-        return list(_AVAILABLE)
-    out = []
-    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        try:
-            ok = b.is_available()
-        except Exception:  # an optional dependency that fails to load is simply unavailable
-            ok = False
-        if ok:
-            out.append(b.name)
-    _AVAILABLE = out
-    return list(out)
+    _AVAILABLE = None
 
 
 def _check_name(name: str) -> str:
@@ -138,7 +147,7 @@ def _check_name(name: str) -> str:
     name = name.strip().lower()
     if name != "auto" and name not in _BACKENDS:
         raise ValueError(f"backend: unknown backend {name!r}; choose 'auto' or one of {registered_backends()}")
-    if name != "auto" and name not in available_backends():
+    if name != "auto" and name not in _available():
         raise ValueError(f"backend: {name!r} is not available in this process; available: {available_backends()}")
     return name
 
@@ -205,7 +214,7 @@ def implementation(op: str, args=(), kwargs=None, backend: str | None = None) ->
     name = _STATE.backend if backend is None else backend
     device = _device_type(args, kwargs)
     if name == "auto":
-        for b in available_backends():
+        for b in _available():
             auto_devices = _BACKENDS[b].auto_devices
             if auto_devices is not None and device not in auto_devices:
                 continue

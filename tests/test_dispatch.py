@@ -49,7 +49,7 @@ def test_unavailable_backend_is_refused():
             mk.set_backend("test_never")
     finally:
         _dispatch._BACKENDS.pop("test_never")
-        _dispatch._AVAILABLE = None
+        _dispatch.refresh_availability()
 
 
 def test_env_var_sets_default_and_bad_value_is_reported():
@@ -99,7 +99,7 @@ def test_backend():
     yield fwd, calls
     _dispatch._BACKENDS.pop("test_custom")
     _dispatch._IMPLS.pop(("mp_silu", "test_custom"))
-    _dispatch._AVAILABLE = None
+    _dispatch.refresh_availability()
 
 
 def test_custom_op_helper_eager_autograd(test_backend):

@@ -73,6 +73,14 @@ def empty_like_dense(ref: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     return torch.empty_strided(ref.shape, ref.stride(), dtype=dtype or ref.dtype, device=ref.device)
 
 
+def memory_order(t: torch.Tensor) -> list[int]:
+    """Dims of a dense ``t`` from outermost to innermost in memory: ``t.permute(order)`` is contiguous."""
+    order = sorted(range(t.ndim), key=lambda d: (-t.stride(d), d))
+    if not t.permute(order).is_contiguous():  # size-1 dims with odd strides: fall back to a logical order
+        order = list(range(t.ndim))
+    return order
+
+
 def rows_layout(x: torch.Tensor, dim: int) -> tuple[int, int, int, bool] | None:
     """View a dense ``x`` as ``[outer, R, inner]`` with ``R = x.shape[dim]``.
 

@@ -298,7 +298,9 @@ def read_pickle(path) -> Any:
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a folder, expected a pickle file")
     try:
-        if zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # not zipfile.is_zipfile: a pickle may end with an embedded zip
+        if is_zip:
             with zipfile.ZipFile(path) as zf:
                 pkls = sorted((n for n in zf.namelist() if n.endswith("data.pkl")), key=lambda n: n.count("/"))
                 if not pkls:

@@ -41,8 +41,8 @@ def default_cache_dir() -> str:
 # Real data.
 
 def _digits_module_dataset(resolution: int):
-    from . import data
-    return data.open_dataset(f"digits{resolution}")
+    from .train import _data_module
+    return _data_module().open_dataset(f"digits{resolution}")
 
 
 def real_digits(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

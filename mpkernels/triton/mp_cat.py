@@ -1,0 +1,151 @@
+"""``mp_cat`` (spec §1): magnitude-preserving concatenation, forward and backward.
+
+``out = cat([a * ca, b * cb], dim)`` with ``ca = C/sqrt(Na)*(1-t)``, ``cb = C/sqrt(Nb)*t``,
+``C = sqrt((Na+Nb)/((1-t)^2+t^2))``.
+
+``a``, ``b`` and ``out`` share one memory order of their dims (``a``'s; ``b`` is copied into it
+only when it differs). In that order every tensor is a row-major ``[M, K]`` matrix, ``M`` the
+product of the dims before ``dim`` and ``K`` that of ``dim`` and the dims after it, so that
+``out[m] = [a[m] * ca | b[m] * cb]`` (NCHW, dim 1: ``M = N``, ``K = C*H*W``; channels_last:
+``M = N*H*W``, ``K = C``). One kernel copies two scaled ``[M, K]`` blocks between matrices of
+different row strides; the forward gathers ``a`` and ``b`` into ``out``, the backward scatters
+``g`` back into ``da`` and ``db``, one launch each. Nothing is saved for backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._library import kernel_op, with_backward
+from . import _common as C
+
+
+@triton.jit
+def _copy_block(src_ptr, dst_ptr, pid, M, K, src_stride, dst_stride, scale, n_kblocks,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pm = pid // n_kblocks
+    pk = pid % n_kblocks
+    rows = tl.arange(0, BLOCK_M)
+    cols = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    row0 = pm.to(tl.int64) * BLOCK_M
+    m = ((row0 + rows) < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(src_ptr + row0 * src_stride + (rows[:, None] * src_stride + cols[None, :]), mask=m, other=0.0)
+    y = x.to(tl.float32) * scale
+    tl.store(dst_ptr + row0 * dst_stride + (rows[:, None] * dst_stride + cols[None, :]),
+             y.to(dst_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _mp_cat_kernel(src1_ptr, dst1_ptr, src2_ptr, dst2_ptr, M, K1, K2, src1_stride, dst1_stride, src2_stride,
+                   dst2_stride, scale1, scale2, n_kblocks1, n_kblocks2, n_programs1,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Two scaled block copies in one launch: programs [0, n_programs1) do block 1, the rest block 2."""
+    pid = tl.program_id(0)
+    if pid < n_programs1:
+        _copy_block(src1_ptr, dst1_ptr, pid, M, K1, src1_stride, dst1_stride, scale1, n_kblocks1, BLOCK_M, BLOCK_K)
+    else:
+        _copy_block(src2_ptr, dst2_ptr, pid - n_programs1, M, K2, src2_stride, dst2_stride, scale2, n_kblocks2,
+                    BLOCK_M, BLOCK_K)
+
+
+TILE = 4096
+BLOCK_KS = (16, 64, 256, 1024, 4096)
+
+
+def _config(d, block_k):
+    return C.make_config(_mp_cat_kernel, ptrs=dict(src1_ptr=d, dst1_ptr=d, src2_ptr=d, dst2_ptr=d),
+                         floats=("scale1", "scale2"), constexprs=dict(BLOCK_M=TILE // block_k, BLOCK_K=block_k),
+                         num_warps=4, num_stages=1)
+
+
+@C.declare_configs
+def configs():
+    for d in C.DTYPES:
+        for bk in BLOCK_KS:
+            yield _config(d, bk)
+
+
+def _block_k(k: int) -> int:
+    return next(b for b in BLOCK_KS if b >= min(k, BLOCK_KS[-1]))
+
+
+def _launch(src1, dst1, src2, dst2, M, K1, K2, s1, d1, s2, d2, scale1, scale2):
+    bk = _block_k(max(K1, K2))
+    bm = TILE // bk
+    nk1, nk2 = C.cdiv(K1, bk), C.cdiv(K2, bk)
+    nm = C.cdiv(M, bm)
+    n1 = nm * nk1
+    C.launch(_config(src1.dtype, bk), (n1 + nm * nk2,), src1, dst1, src2, dst2, M, K1, K2, s1, d1, s2, d2,
+             float(scale1), float(scale2), nk1, nk2, n1)
+
+
+def _coefs(na: int, nb: int, t: float) -> tuple[float, float]:
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return c / math.sqrt(na) * (1 - t), c / math.sqrt(nb) * t
+
+
+def mp_cat_forward(a2, b2, ca: float, cb: float):
+    M, Ka = a2.shape
+    Kb = b2.shape[1]
+    out = torch.empty((M, Ka + Kb), dtype=a2.dtype, device=a2.device)
+    _launch(a2, out, b2, out[:, Ka:] if M else out, M, Ka, Kb, Ka, Ka + Kb, Kb, Ka + Kb, ca, cb)
+    return out
+
+
+def mp_cat_backward(g2, ka: int, ca: float, cb: float):
+    g2 = g2.contiguous()
+    M, K = g2.shape
+    kb = K - ka
+    da = torch.empty((M, ka), dtype=g2.dtype, device=g2.device)
+    db = torch.empty((M, kb), dtype=g2.dtype, device=g2.device)
+    _launch(g2, da, g2[:, ka:], db, M, ka, kb, K, ka, K, kb, ca, cb)
+    return da, db
+
+
+_fwd_op = kernel_op("triton_mp_cat", "(Tensor a, Tensor b, float ca, float cb) -> Tensor",
+                    impl=mp_cat_forward,
+                    fake=lambda a, b, ca, cb: a.new_empty((a.shape[0], a.shape[1] + b.shape[1])))
+_bwd_op = kernel_op("triton_mp_cat_backward", "(Tensor g, int ka, float ca, float cb) -> (Tensor, Tensor)",
+                    impl=mp_cat_backward,
+                    fake=lambda g, ka, ca, cb: (g.new_empty((g.shape[0], ka)), g.new_empty((g.shape[0], g.shape[1] - ka))))
+
+
+def _setup(ctx, inputs, output):
+    ctx.ka = inputs[0].shape[1]
+    ctx.ca, ctx.cb = inputs[2], inputs[3]
+
+
+def _backward(ctx, g):
+    da, db = _bwd_op(g, ctx.ka, ctx.ca, ctx.cb)
+    return da, db, None, None
+
+
+# The backward needs only sizes and scalars, so it is tied here directly rather than through
+# with_backward (whose non-tensor arguments come from the forward's inputs).
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def mp_cat(a, b, dim: int, t: float):
+    a = C.dense(a)
+    order = C.memory_order(a)
+    ap = a.permute(order)
+    bp = b.permute(order)
+    if not bp.is_contiguous():
+        bp = bp.contiguous()
+    p = order.index(dim)
+    M = math.prod(ap.shape[:p])
+    ca, cb = _coefs(a.shape[dim], b.shape[dim], t)
+    out2 = _fwd_op(ap.reshape(M, -1) if M else ap.reshape(0, math.prod(ap.shape[p:])),
+                   bp.reshape(M, -1) if M else bp.reshape(0, math.prod(bp.shape[p:])), ca, cb)
+    shp = list(ap.shape)
+    shp[p] = a.shape[dim] + b.shape[dim]
+    inv = [order.index(d) for d in range(a.ndim)]
+    return out2.reshape(shp).permute(inv)
+
+
+def supports(a, b, *args) -> bool:
+    return C.supported_dtype(a, b)

@@ -1,0 +1,318 @@
+"""``edm2fast generate``: sample images with the EDM2 Heun sampler (spec §8).
+
+Examples::
+
+    edm2fast generate --net runs/digits/phema-0131-0.100.safetensors --seeds 0-99 --class cycle \\
+        --outdir out/digits
+    edm2fast generate --net big.safetensors --gnet small.safetensors --guidance 2.0 --seeds 0-15 --outdir out/ag
+
+Every image has its own seed (``--seeds 0-63``, ``0,5,9``, ``0-9,100-109``), so it does not
+depend on the batch it is drawn in. Pixel models write ``<seed:06d>.png``, a grid image and
+``samples.json`` (seed -> class). Latent models (4-channel VAE latents) write
+``latents.npy`` in the VAE's own scale instead: decoding needs the Stable Diffusion VAE,
+which is not available offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+
+import numpy as np
+import torch
+
+from ..cli import UserError
+from .train import nonneg_float, positive_float, positive_int
+
+DESCRIPTION = __doc__
+
+# Spec §5: VAE latents are stored as (z - raw_mean) / raw_std * 0.5.
+_LATENT_RAW_MEAN = [5.81, 3.25, 0.12, -2.15]
+_LATENT_RAW_STD = [4.17, 4.62, 3.71, 3.28]
+_LATENT_FINAL_STD = 0.5
+
+
+def parse_seeds(value: str) -> list[int]:
+    """``'0-63'``, ``'1,5,9'``, ``'0-9,100-109'`` -> list of ints (order kept, duplicates refused)."""
+    seeds: list[int] = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
+        if not m:
+            raise ValueError(f"seeds: expected ranges and lists of integers >= 0 like 0-63 or 1,5,9, got {part!r}")
+        if m.group(3) is not None:
+            seeds.append(int(m.group(3)))
+        else:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ValueError(f"seeds: empty range {part!r}")
+            seeds.extend(range(lo, hi + 1))
+    if not seeds:
+        raise ValueError(f"seeds: no seed in {value!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seeds: contains duplicates")
+    return seeds
+
+
+def seeds_arg(value: str) -> list[int]:
+    try:
+        return parse_seeds(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+
+def class_arg(value: str):
+    if value in ("random", "cycle"):
+        return value
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a class index, 'random' or 'cycle', got {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"class index must be >= 0, got {value!r}")
+    return v
+
+
+def load_net(path: str, what: str = "net", device="cpu", dtype: str | None = None) -> torch.nn.Module:
+    """A snapshot (or an authors' pickle) as an eval-mode Precond; UserError for bad files."""
+    from .. import io as edm_io
+    if not path:
+        raise UserError(f"--{what}: no file given")
+    if not os.path.exists(path):
+        raise UserError(f"--{what}: {path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"--{what}: {path} is a folder; give a .safetensors snapshot")
+    try:
+        net = edm_io.load(path, device=device, compute_dtype=dtype)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        msg = str(e)
+        if path in msg:
+            raise UserError(f"--{what}: {msg}") from None
+        raise UserError(f"--{what}: {path}: {msg}") from None
+    return net.eval().requires_grad_(False)
+
+
+def class_labels_for(net, seeds, class_spec) -> list[int] | None:
+    """The class of each seed: None (unconditional net), a fixed class, 'cycle' (seed % label_dim)
+    or 'random' (drawn from the seed, as the reference does)."""
+    from ..sampler import StackedRandomGenerator
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if label_dim == 0:
+        if isinstance(class_spec, int):
+            raise UserError(f"--class {class_spec}: the network is unconditional (label_dim 0)")
+        return None
+    if class_spec is None or class_spec == "random":
+        gen = StackedRandomGenerator("cpu", seeds)
+        return gen.randint(label_dim, size=[len(seeds), 1]).reshape(-1).tolist()
+    if class_spec == "cycle":
+        return [s % label_dim for s in seeds]
+    if not 0 <= class_spec < label_dim:
+        raise UserError(f"--class {class_spec}: out of range for a network with {label_dim} classes")
+    return [int(class_spec)] * len(seeds)
+
+
+@torch.no_grad()
+def generate_images(net, seeds, classes=None, *, gnet=None, guidance: float = 1.0, num_steps: int = 32,
+                    batch: int = 64, device="cpu", sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0,
+                    S_max=float("inf"), S_noise=1, progress=None) -> torch.Tensor:
+    """Sample one image per seed (``[N, C, H, W]`` float32 on the CPU, model space).
+
+    The initial noise and any churn noise of image ``k`` come from a generator seeded with
+    ``seeds[k]`` alone (:class:`~edm2fast.sampler.StackedRandomGenerator`), so batching does
+    not change an image (up to floating-point reduction order).
+    """
+    from ..sampler import StackedRandomGenerator, edm_sampler
+    device = torch.device(device)
+    seeds = [int(s) for s in seeds]
+    if classes is not None and len(classes) != len(seeds):
+        raise ValueError(f"classes: {len(classes)} labels for {len(seeds)} seeds")
+    res, ch = net.img_resolution, net.img_channels
+    if gnet is not None and (gnet.img_resolution, gnet.img_channels) != (res, ch):
+        raise ValueError(f"gnet: makes {gnet.img_channels}x{gnet.img_resolution}px images, the net "
+                         f"{ch}x{res}px")
+    out = []
+    for start in range(0, len(seeds), batch):
+        bseeds = seeds[start:start + batch]
+        rnd = StackedRandomGenerator(device, bseeds)
+        noise = rnd.randn([len(bseeds), ch, res, res], device=device)
+        labels = None
+        if classes is not None and net.label_dim:
+            labels = torch.zeros(len(bseeds), net.label_dim, device=device)
+            labels[torch.arange(len(bseeds)), torch.as_tensor(classes[start:start + batch])] = 1
+        x = edm_sampler(net, noise, labels, gnet=gnet, num_steps=num_steps, sigma_min=sigma_min,
+                        sigma_max=sigma_max, rho=rho, guidance=guidance, S_churn=S_churn, S_min=S_min, S_max=S_max,
+                        S_noise=S_noise, randn_like=rnd.randn_like)
+        out.append(x.float().cpu())
+        if progress is not None:
+            progress(min(start + batch, len(seeds)), len(seeds))
+    return torch.cat(out)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[-1, 1]`` float ``[N, C, H, W]`` -> uint8 ``[N, H, W, C]``."""
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images_uint8: np.ndarray, cols: int | None = None, pad: int = 1) -> np.ndarray:
+    n, h, w, c = images_uint8.shape
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images_uint8[k]
+    return grid
+
+
+def _pil(array: np.ndarray):
+    from PIL import Image
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, "L" if array.shape[2] == 1 else "RGB")
+
+
+def save_png(array: np.ndarray, path: str, scale: int = 1) -> None:
+    from .. import io as edm_io
+    img = _pil(array)
+    if scale > 1:
+        from PIL import Image
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    with edm_io.atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def is_latent_model(net) -> bool:
+    meta = getattr(net, "snapshot_metadata", {}) or {}
+    kind = meta.get("data_kind")
+    if kind is not None:
+        return kind == "latents"
+    return net.img_channels == 4
+
+
+def latents_to_vae_scale(x: torch.Tensor) -> torch.Tensor:
+    """Undo spec §5's latent scaling: ``z = x / 0.5 * raw_std + raw_mean`` (what the VAE decodes)."""
+    mean = torch.tensor(_LATENT_RAW_MEAN).reshape(1, -1, 1, 1)
+    std = torch.tensor(_LATENT_RAW_STD).reshape(1, -1, 1, 1)
+    return x / _LATENT_FINAL_STD * std + mean
+
+
+def write_samples(images: torch.Tensor, seeds, classes, outdir: str, latent: bool, grid: str | None = None,
+                  grid_cols: int | None = None, write_images: bool = True) -> dict:
+    """Write PNGs + grid + samples.json (pixels) or latents.npy (latents); returns what was written."""
+    from .. import io as edm_io
+    os.makedirs(outdir, exist_ok=True)
+    written = {"outdir": outdir}
+    info = {"seeds": list(seeds), "classes": classes}
+    if latent:
+        path = os.path.join(outdir, "latents.npy")
+        z = latents_to_vae_scale(images).numpy().astype(np.float32)
+        with edm_io.atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, z)
+        written["latents"] = path
+        info["latents"] = "latents.npy: [N, 4, H, W] in the sd-vae-ft-mse latent scale (decode with that VAE)"
+    else:
+        if images.shape[1] not in (1, 3):
+            raise UserError(f"cannot write {images.shape[1]}-channel images as PNG")
+        arr = to_uint8(images)
+        if write_images:
+            for k, s in enumerate(seeds):
+                save_png(arr[k], os.path.join(outdir, f"{s:06d}.png"))
+        grid_path = grid or os.path.join(outdir, "grid.png")
+        scale = max(1, 128 // arr.shape[1])
+        save_png(make_grid(arr, grid_cols), grid_path, scale=scale)
+        written["grid"] = grid_path
+        written["images"] = len(seeds) if write_images else 0
+    with edm_io.atomic_open(os.path.join(outdir, "samples.json"), "w") as f:
+        json.dump(info, f)
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = DESCRIPTION
+    parser.add_argument("--net", required=True, metavar="PATH", help="main network: a .safetensors snapshot")
+    parser.add_argument("--gnet", default=None, metavar="PATH",
+                        help="guiding network: an unconditional model (classifier-free guidance) or a smaller / "
+                             "less-trained one (autoguidance)")
+    parser.add_argument("--guidance", type=nonneg_float, default=None, metavar="W",
+                        help="guidance weight w in D_g + w (D - D_g); 1 = none (default: 1, or 2 with --gnet)")
+    parser.add_argument("--seeds", type=seeds_arg, default=parse_seeds("0-63"), metavar="LIST",
+                        help="one image per seed: 0-63, 1,5,9, 0-9,100-109 (default: 0-63)")
+    parser.add_argument("--class", dest="class_idx", type=class_arg, default=None, metavar="C",
+                        help="class of every image (conditional nets): an index, 'cycle' (seed %% classes) "
+                             "or 'random' (default: random, drawn from each seed)")
+    parser.add_argument("--outdir", required=True, metavar="DIR", help="where to write the images")
+    parser.add_argument("--grid", default=None, metavar="PATH", help="grid image path (default: OUTDIR/grid.png)")
+    parser.add_argument("--grid-cols", type=positive_int, default=None, metavar="N", help="images per grid row")
+    parser.add_argument("--no-images", action="store_true", help="write only the grid and samples.json")
+    parser.add_argument("--batch", type=positive_int, default=64, help="images per batch (default: 64)")
+    parser.add_argument("--steps", type=positive_int, default=32, help="sampler steps (default: 32)")
+    parser.add_argument("--sigma-min", type=positive_float, default=0.002)
+    parser.add_argument("--sigma-max", type=positive_float, default=80.0)
+    parser.add_argument("--rho", type=positive_float, default=7.0)
+    parser.add_argument("--S_churn", type=nonneg_float, default=0.0, help="stochasticity (default: 0, pure ODE)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                        help="compute precision (default: the network's: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--backend", default="auto", help="mpkernels backend (default: auto)")
+
+
+def _device(name):
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device: {e}") from None
+
+
+def set_backend(name: str) -> None:
+    import mpkernels as mk
+    try:
+        mk.set_backend(name)
+    except (ValueError, mk.BackendUnavailableError) as e:
+        raise UserError(f"--backend: {e}") from None
+
+
+def run(args) -> int:
+    set_backend(args.backend)
+    device = _device(args.device)
+    net = load_net(args.net, "net", device, args.dtype)
+    gnet = load_net(args.gnet, "gnet", device, args.dtype) if args.gnet else None
+    guidance = args.guidance if args.guidance is not None else (2.0 if gnet is not None else 1.0)
+    if gnet is None and guidance != 1:
+        raise UserError(f"--guidance {guidance}: needs a guiding network (--gnet)")
+    if gnet is not None and (gnet.img_resolution, gnet.img_channels) != (net.img_resolution, net.img_channels):
+        raise UserError(f"--gnet: makes {gnet.img_channels}x{gnet.img_resolution}px images, --net "
+                        f"{net.img_channels}x{net.img_resolution}px")
+    if gnet is not None and gnet.label_dim not in (0, net.label_dim):
+        raise UserError(f"--gnet: has {gnet.label_dim} classes, --net {net.label_dim}")
+    classes = class_labels_for(net, args.seeds, args.class_idx)
+    if args.sigma_min >= args.sigma_max:
+        raise UserError(f"--sigma-min {args.sigma_min} must be below --sigma-max {args.sigma_max}")
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(args.seeds), unit="img", leave=False)
+        progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
+    except ImportError:
+        bar, progress = None, None
+    try:
+        images = generate_images(net, args.seeds, classes, gnet=gnet, guidance=guidance, num_steps=args.steps,
+                                 batch=args.batch, device=device, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                                 rho=args.rho, S_churn=args.S_churn, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    latent = is_latent_model(net)
+    written = write_samples(images, args.seeds, classes, args.outdir, latent, grid=args.grid,
+                            grid_cols=args.grid_cols, write_images=not args.no_images)
+    if latent:
+        print(f"wrote {len(args.seeds)} latents to {written['latents']} (latent model: no VAE decoder is "
+              "available offline; decode them with the sd-vae-ft-mse VAE)")
+    else:
+        print(f"wrote {written['images']} images and {written['grid']} to {args.outdir}")
+    return 0
