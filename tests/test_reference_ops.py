@@ -280,3 +280,31 @@ def test_statistics_in_fp32_for_half_inputs():
     out = mk.pixel_norm(x)
     assert torch.isfinite(out).all() and torch.allclose(out.float(), torch.ones_like(out, dtype=torch.float32),
                                                         atol=1e-3)
+
+
+# --- property-based: random shapes, dims and blend factors ---------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=2, max_size=4), data=st.data())
+def test_normalize_any_shape_and_dims(shape, data):
+    ndim = len(shape)
+    dims = data.draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
+    eps = data.draw(st.sampled_from([0.0, 1e-4, 0.1]))
+    x = torch.randn(shape, dtype=torch.float64)
+    out = mk.normalize(x, dim=tuple(dims), eps=eps)
+    torch.testing.assert_close(out, o_normalize(x, sorted(dims), eps), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=st.floats(0, 1), na=st.integers(1, 6), nb=st.integers(1, 6), dim=st.integers(-3, 2))
+def test_mp_sum_and_cat_any_t(t, na, nb, dim):
+    a, b = torch.randn(2, na, 3, dtype=torch.float64), torch.randn(2, na, 3, dtype=torch.float64)
+    torch.testing.assert_close(mk.mp_sum(a, b, t), o_mp_sum(a, b, t), rtol=1e-12, atol=1e-12)
+    shape_b = [2, na, 3]
+    shape_b[dim % 3] = nb
+    c = torch.randn(shape_b, dtype=torch.float64)
+    torch.testing.assert_close(mk.mp_cat(a, c, dim=dim, t=t), o_mp_cat(a, c, dim % 3, t), rtol=1e-12, atol=1e-12)
