@@ -125,6 +125,7 @@ __device__ __forceinline__ float block_sum(float v) {
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+__device__ __forceinline__ bool aligned16_dev(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 inline void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)

@@ -244,7 +244,7 @@ def test_gradcheck_weights_attention_fourier():
 # --- magnitude preservation ------------------------------------------------------------------
 
 def rms(t):
-    return float(t.double().pow(2).mean().sqrt())
+    return float(t.detach().double().pow(2).mean().sqrt())
 
 
 def test_magnitude_preservation():

@@ -615,7 +615,7 @@ class Trainer:
         return {
             "preset": self.cfg["preset"], "nimg": self.cur_nimg,
             "sigma_rel": float(std), "dataset": self.data.name, "data_kind": self.data.kind,
-            "dtype": self.cfg["dtype"], "batch": self.cfg["batch"], "seed": self.cfg["seed"],
+            "compute_dtype": self.cfg["dtype"], "batch": self.cfg["batch"], "seed": self.cfg["seed"],
         }
 
     def save_snapshots(self) -> list[str]:
