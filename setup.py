@@ -8,13 +8,13 @@ import sys
 
 from setuptools import find_packages, setup
 
-install_requires = ["torch>=2.4", "numpy"]
+install_requires = ["torch>=2.4", "numpy", "safetensors", "Pillow"]  # io.load and generate need the last two
 if sys.platform.startswith("linux"):
     install_requires.append("triton")
 
 extras = {
     "test": ["pytest", "pytest-benchmark", "hypothesis"],
-    "train": ["tqdm", "Pillow", "safetensors", "matplotlib", "scikit-learn"],
+    "train": ["tqdm", "matplotlib", "scikit-learn"],
 }
 extras["all"] = sorted({r for rs in extras.values() for r in rs} | {"ninja"})
 

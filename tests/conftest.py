@@ -56,3 +56,12 @@ def _reset_backend():
     prev = mk.get_backend()
     yield
     mk.set_backend(prev)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests use tiny tensors: one thread is faster than two fighting over a busy 2-core machine."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

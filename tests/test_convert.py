@@ -59,6 +59,15 @@ def fake_modules(tmp_path_factory):
         sys.modules.pop(name, None)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is several times faster than two on a busy 2-core machine."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def make_net(seed=0, **overrides):
     torch.manual_seed(seed)
     net = networks.Precond(**{**KW, **overrides})
@@ -156,7 +165,8 @@ def test_ema_key_and_bare_network(tmp_path, fake_modules):
     net_a, net_b = make_net(1), make_net(2)
     persistence = fake_modules[0]
     path = tmp_path / "two.pkl"
-    path.write_bytes(pickle.dumps({"net": as_official(net_a, persistence, KW), "ema2": as_official(net_b, persistence, KW)}))
+    path.write_bytes(pickle.dumps({"net": as_official(net_a, persistence, KW),
+                                   "ema2": as_official(net_b, persistence, KW)}))
     assert_identical(io.load_official_pickle(path), net_a)  # 'net' is the default without 'ema'
     assert_identical(io.load_official_pickle(path, key="ema2"), net_b)
     with pytest.raises(ValueError, match="no key 'nope'"):
@@ -329,3 +339,17 @@ def test_convert_command_errors(tmp_path, fake_modules):
     with pytest.raises(UserError, match="same file"):
         convert_cmd.run(parse([str(src), str(src)]))
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_convert_help_and_refusal(tmp_path, capsys):
+    from edm2fast import cli
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["convert", "--help"])
+    assert exc.value.code == 0 and "--ema" in capsys.readouterr().out
+    marker = tmp_path / "pwned"
+    src = tmp_path / "evil.pkl"
+    src.write_bytes(pickle.dumps({"ema": Evil(os.system, (f"echo pwned > {marker}",))}))
+    assert cli.main(["convert", str(src), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edm2fast convert: error:") and "refusing global" in err and "\n" not in err
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()

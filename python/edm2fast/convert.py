@@ -24,7 +24,6 @@ dict whose names match ours key for key (``unet.enc.64x64_conv.weight``, ...).
 from __future__ import annotations
 
 import collections
-import copyreg
 import io as _pyio
 import os
 import pickle
@@ -438,7 +437,8 @@ def read_official_pickle(path, key: str | None = None) -> tuple[dict, dict[str, 
     if isinstance(root, dict):
         for k, v in root.items():
             if k != key and isinstance(k, str):
-                extras[k] = _summary(v)
+                reserved = k in ("dtype", "net_kwargs", "converted_from", "preset", "nimg", "sigma_rel")
+                extras[f"pickle_{k}" if reserved else k] = _summary(v)
     return kwargs, tensors, extras
 
 

@@ -201,13 +201,17 @@ def _read_header(path: str, expected_format: str) -> dict[str, str]:
         raise ValueError(f"{path}: expected an edm2fast {expected_format.split('.')[-1]}, found {found}")
     version = header.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported {fmt} format_version {version!r} (this edm2fast reads {FORMAT_VERSION!r})")
+        raise ValueError(f"{path}: unsupported {fmt} format_version {version!r} "
+                         f"(this edm2fast reads {FORMAT_VERSION!r})")
     return header
 
 
 def _read_tensors(path: str, device="cpu") -> dict[str, torch.Tensor]:
     from safetensors import safe_open
-    device = str(torch.device(device))
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = str(device)
     try:
         with safe_open(path, framework="pt", device=device) as f:
             return {name: f.get_tensor(name) for name in f.keys()}
@@ -374,7 +378,7 @@ def _jsonable(obj, where: str):
 # ----------------------------------------------------------------------------------------------
 # Snapshots
 
-def save(net: torch.nn.Module, path, *, dtype="fp16", **metadata) -> None:
+def save(net: torch.nn.Module, path, /, *, dtype="fp16", **metadata) -> None:
     """Write ``net`` (a Precond, possibly DDP/compile-wrapped) as a snapshot, atomically.
 
     ``dtype``: storage precision of the floating parameters, ``'fp16'`` (default), ``'bf16'``
@@ -385,7 +389,7 @@ def save(net: torch.nn.Module, path, *, dtype="fp16", **metadata) -> None:
     save_state_dict(net.state_dict(), path, init_kwargs(net), dtype=dtype, **metadata)
 
 
-def save_state_dict(state_dict: dict, path, net_kwargs: dict, *, dtype="fp16", **metadata) -> None:
+def save_state_dict(state_dict: dict, path, net_kwargs: dict, /, *, dtype="fp16", **metadata) -> None:
     """Write a Precond state dict as a snapshot without a module (e.g. a post-hoc EMA result).
 
     ``net_kwargs`` are the Precond constructor kwargs (:func:`init_kwargs`, or
