@@ -4,9 +4,32 @@ The optional CUDA extension is described in ``csrc/`` and built by the CUDA back
 build logic (see README, "CUDA extension").
 """
 
+import importlib.util
+import os
 import sys
 
 from setuptools import find_packages, setup
+
+
+def _extension_kwargs() -> dict:
+    """The compiled extension (``csrc/``, module ``mpkernels.cuda._C``) when it can be built.
+
+    Built when nvcc and a CUDA build of torch are present; ``MPKERNELS_BUILD_EXT=1`` forces it
+    (failing loudly if it cannot), ``0`` skips it. Without it, ``mpkernels.cuda.build()`` compiles
+    it just in time. The logic lives in ``mpkernels/cuda/_build.py`` (loaded by path here).
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpkernels", "cuda", "_build.py")
+    spec = importlib.util.spec_from_file_location("_mpkernels_build", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    ext, reason = build.setup_extension()
+    if ext is None:
+        print(f"mpkernels: not building the compiled extension ({reason})", file=sys.stderr)
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
 
 install_requires = ["torch>=2.4", "numpy", "safetensors", "Pillow"]  # io.load and generate need the last two
 if sys.platform.startswith("linux"):
@@ -28,4 +51,5 @@ setup(
     install_requires=install_requires,
     extras_require=extras,
     entry_points={"console_scripts": ["edm2fast=edm2fast.cli:main"]},
+    **_extension_kwargs(),
 )

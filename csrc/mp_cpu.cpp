@@ -2,24 +2,55 @@
 // (csrc/mp_math.h), parallel over the batch / pixels / rows with at::parallel_for. Inner loops
 // run over a unit-stride dimension in fp32 so that the compiler vectorises them; statistics are
 // accumulated in fp32 with several partial sums (vectorisable, and more accurate than one).
+//
+// The kernels (csrc/mp_cpu_impl.h) are compiled three times with GCC on x86-64: baseline
+// (SSE2), AVX2+FMA and AVX-512, and the best one the CPU supports is used
+// (MPKERNELS_CPU_ISA=default|avx2|avx512 caps it; set_isa() too, for tests).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "mp_kernels.h"
 #include "mp_math.h"
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MPK_CPU_MULTI_ISA 1
+#else
+#define MPK_CPU_MULTI_ISA 0
+#endif
+
 namespace mpk {
 namespace cpu {
 namespace {
 
+// Conversions (defined before any target pragma: inlined into every variant).
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
+// bfloat16 <-> fp32 without branches (c10's rounding has a NaN branch that blocks vectorisation).
+inline float to_f(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 template <typename T>
 inline T from_f(float v) { return static_cast<T>(v); }
+template <>
+inline c10::BFloat16 from_f<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  r = f != f ? 0x7FC0u : r;                              // NaN stays a (quiet) NaN
+  return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
+}
 
 #define MPK_CPU_CASE(enum_value, type, T, ...) \
   case DType::enum_value: {                    \
@@ -27,11 +58,11 @@ inline T from_f(float v) { return static_cast<T>(v); }
     __VA_ARGS__;                               \
     break;                                     \
   }
-#define MPK_CPU_DISPATCH(dt, T, ...)                      \
-  switch (dt) {                                           \
-    MPK_CPU_CASE(F32, float, T, __VA_ARGS__)              \
-    MPK_CPU_CASE(F16, c10::Half, T, __VA_ARGS__)          \
-    MPK_CPU_CASE(BF16, c10::BFloat16, T, __VA_ARGS__)     \
+#define MPK_CPU_DISPATCH(dt, T, ...)                  \
+  switch (dt) {                                       \
+    MPK_CPU_CASE(F32, float, T, __VA_ARGS__)          \
+    MPK_CPU_CASE(F16, c10::Half, T, __VA_ARGS__)      \
+    MPK_CPU_CASE(BF16, c10::BFloat16, T, __VA_ARGS__) \
   }
 
 inline float load_any(const void* p, DType dt, int64_t i) {
@@ -56,438 +87,143 @@ inline int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, work_per_item));
 }
 
-// Sum of squares and dot product of unit-stride rows, eight partial sums.
-template <typename T>
-inline float sumsq(const T* p, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) {
-      float v = to_f(p[i + j]);
-      acc[j] += v * v;
-    }
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) {
-    float v = to_f(p[i]);
-    s += v * v;
-  }
-  return s;
-}
+}  // namespace
 
-template <typename TA, typename TB>
-inline float dot(const TA* a, const TB* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += to_f(a[i + j]) * to_f(b[i + j]);
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += to_f(a[i]) * to_f(b[i]);
-  return s;
-}
+namespace isa_default {
+#include "mp_cpu_impl.h"
+}  // namespace isa_default
+
+#if MPK_CPU_MULTI_ISA
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace isa_avx2 {
+#include "mp_cpu_impl.h"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+namespace isa_avx512 {
+#include "mp_cpu_impl.h"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#endif
 
 // ---------------------------------------------------------------------------------------------
-// Element-wise ops over flat, identically laid out arrays.
+// Instruction-set selection.
 
-template <typename T>
-void mp_silu_fwd_t(int64_t n, const T* x, T* y) {
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) y[i] = from_f<T>(mp_silu_f(to_f(x[i])));
-  });
+namespace {
+
+enum Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr const char* kIsaNames[] = {"default", "avx2", "avx512"};
+
+int parse_isa(const char* name) {
+  for (int i = 0; i < 3; ++i)
+    if (name && std::string(name) == kIsaNames[i]) return i;
+  return -1;
 }
 
-template <typename T>
-void mp_silu_bwd_t(int64_t n, const T* g, const T* x, T* gx) {
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) gx[i] = from_f<T>(to_f(g[i]) * mp_silu_grad_f(to_f(x[i])));
-  });
+int supported_isa() {
+#if MPK_CPU_MULTI_ISA
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return kAvx2;
+#endif
+  return kDefault;
 }
 
-template <typename T>
-void mp_sum_clip_fwd_t(int64_t n, const T* a, const T* b, T* y, float t, float scale, float clip) {
-  at::parallel_for(0, n, kGrain, [&](int64_t s, int64_t e) {
-    for (int64_t i = s; i < e; ++i) y[i] = from_f<T>(clip_f(lerp_f(to_f(a[i]), to_f(b[i]), t) * scale, clip));
-  });
-}
+std::atomic<int> g_isa{-1};
 
-template <typename T>
-void mp_sum_clip_bwd_t(int64_t n, const T* g, const T* a, const T* b, T* ga, T* gb, float t, float scale,
-                       float clip) {
-  const float wa = (1.0f - t) * scale, wb = t * scale;
-  at::parallel_for(0, n, kGrain, [&](int64_t s, int64_t e) {
-    for (int64_t i = s; i < e; ++i) {
-      float pre = lerp_f(to_f(a[i]), to_f(b[i]), t) * scale;
-      float gm = to_f(g[i]) * clip_mask_f(pre, clip);
-      ga[i] = from_f<T>(gm * wa);
-      gb[i] = from_f<T>(gm * wb);
-    }
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// modulated_mp_silu: out = mp_silu(y * c[n, ch]).
-
-template <typename T>
-void modulated_fwd_t(const NCL& s, const T* y, const void* c, DType cdt, int64_t csN, int64_t csC, T* out) {
-  if (s.sC != 1) {  // NCHW (sL == 1): one scale per unit-stride row of L pixels
-    at::parallel_for(0, s.N * s.C, grain_for(s.L), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) {
-        const int64_t n = row / s.C, ch = row % s.C;
-        const float sc = load_any(c, cdt, n * csN + ch * csC);
-        const int64_t off = n * s.sN + ch * s.sC;
-        for (int64_t l = 0; l < s.L; ++l) out[off + l] = from_f<T>(mp_silu_f(to_f(y[off + l]) * sc));
-      }
-    });
-  } else {  // channels_last (sC == 1): a unit-stride row of C channels per pixel
-    at::parallel_for(0, s.N * s.L, grain_for(s.C), [&](int64_t b, int64_t e) {
-      std::vector<float> sc(s.C);
-      int64_t cur_n = -1;
-      for (int64_t pix = b; pix < e; ++pix) {
-        const int64_t n = pix / s.L, l = pix % s.L;
-        if (n != cur_n) {
-          for (int64_t ch = 0; ch < s.C; ++ch) sc[ch] = load_any(c, cdt, n * csN + ch * csC);
-          cur_n = n;
-        }
-        const int64_t off = n * s.sN + l * s.sL;
-        const float* scp = sc.data();
-        for (int64_t ch = 0; ch < s.C; ++ch) out[off + ch] = from_f<T>(mp_silu_f(to_f(y[off + ch]) * scp[ch]));
-      }
-    });
+int current_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = supported_isa();
+    const int cap = parse_isa(std::getenv("MPKERNELS_CPU_ISA"));
+    if (cap >= 0) isa = std::min(isa, cap);
+    g_isa.store(isa, std::memory_order_relaxed);
   }
-}
-
-template <typename T>
-void modulated_bwd_t(const NCL& s, const T* g, const T* y, const void* c, DType cdt, int64_t csN, int64_t csC,
-                     T* gy, void* gc, int64_t gcsN, int64_t gcsC) {
-  if (s.sC != 1) {
-    at::parallel_for(0, s.N * s.C, grain_for(s.L), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) {
-        const int64_t n = row / s.C, ch = row % s.C;
-        const float sc = load_any(c, cdt, n * csN + ch * csC);
-        const int64_t off = n * s.sN + ch * s.sC;
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t l = 0;
-        for (; l + 8 <= s.L; l += 8)
-          for (int j = 0; j < 8; ++j) {
-            const float yv = to_f(y[off + l + j]);
-            const float gs = to_f(g[off + l + j]) * mp_silu_grad_f(yv * sc);
-            gy[off + l + j] = from_f<T>(gs * sc);
-            acc[j] += gs * yv;
-          }
-        float tot = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        for (; l < s.L; ++l) {
-          const float yv = to_f(y[off + l]);
-          const float gs = to_f(g[off + l]) * mp_silu_grad_f(yv * sc);
-          gy[off + l] = from_f<T>(gs * sc);
-          tot += gs * yv;
-        }
-        store_any(gc, cdt, n * gcsN + ch * gcsC, tot);
-      }
-    });
-    return;
-  }
-  // channels_last: per (image, chunk of pixels) partial sums over pixels, reduced afterwards in
-  // a fixed order (deterministic, whatever the thread count).
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(s.L, grain_for(s.C)));
-  const int64_t chunks = (s.L + chunk - 1) / chunk;
-  std::vector<float> partial(static_cast<size_t>(s.N * chunks * s.C));
-  at::parallel_for(0, s.N * chunks, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> sc(s.C);
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t n = task / chunks, l0 = (task % chunks) * chunk, l1 = std::min(s.L, l0 + chunk);
-      for (int64_t ch = 0; ch < s.C; ++ch) sc[ch] = load_any(c, cdt, n * csN + ch * csC);
-      float* acc = partial.data() + task * s.C;
-      const float* scp = sc.data();
-      for (int64_t l = l0; l < l1; ++l) {
-        const int64_t off = n * s.sN + l * s.sL;
-        for (int64_t ch = 0; ch < s.C; ++ch) {
-          const float yv = to_f(y[off + ch]);
-          const float gs = to_f(g[off + ch]) * mp_silu_grad_f(yv * scp[ch]);
-          gy[off + ch] = from_f<T>(gs * scp[ch]);
-          acc[ch] += gs * yv;
-        }
-      }
-    }
-  });
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t ch = 0; ch < s.C; ++ch) {
-      float tot = 0.0f;
-      for (int64_t k = 0; k < chunks; ++k) tot += partial[(n * chunks + k) * s.C + ch];
-      store_any(gc, cdt, n * gcsN + ch * gcsC, tot);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Pixel norm (and pixel norm + mp_silu): normalize over C per (n, pixel).
-
-constexpr int64_t kPixBlock = 128;  // pixels per task on the NCHW path
-
-template <typename T>
-void pixel_norm_fwd_t(const NCL& s, const T* x, T* xn, T* y, float* rms, float eps) {
-  const float inv_c = 1.0f / static_cast<float>(s.C);
-  if (s.sC == 1) {  // channels_last: channels of a pixel are contiguous
-    at::parallel_for(0, s.N * s.L, grain_for(s.C), [&](int64_t b, int64_t e) {
-      for (int64_t pix = b; pix < e; ++pix) {
-        const int64_t off = (pix / s.L) * s.sN + (pix % s.L) * s.sL;
-        const float rv = rms_from_sumsq(sumsq(x + off, s.C), inv_c);
-        const float r = inv_denom(rv, eps);
-        rms[pix] = rv;
-        for (int64_t ch = 0; ch < s.C; ++ch) {
-          const float v = to_f(x[off + ch]) * r;
-          xn[off + ch] = from_f<T>(v);
-          if (y) y[off + ch] = from_f<T>(mp_silu_f(v));
-        }
-      }
-    });
-    return;
-  }
-  // NCHW (sL == 1): a block of pixels at a time, inner loops along the unit-stride pixels.
-  const int64_t tiles = (s.L + kPixBlock - 1) / kPixBlock;
-  at::parallel_for(0, s.N * tiles, grain_for(kPixBlock * s.C), [&](int64_t b, int64_t e) {
-    float acc[kPixBlock], r[kPixBlock];
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t n = task / tiles, l0 = (task % tiles) * kPixBlock, len = std::min(kPixBlock, s.L - l0);
-      const int64_t base = n * s.sN + l0;
-      for (int64_t p = 0; p < len; ++p) acc[p] = 0.0f;
-      for (int64_t ch = 0; ch < s.C; ++ch) {
-        const T* xr = x + base + ch * s.sC;
-        for (int64_t p = 0; p < len; ++p) {
-          const float v = to_f(xr[p]);
-          acc[p] += v * v;
-        }
-      }
-      for (int64_t p = 0; p < len; ++p) {
-        const float rv = rms_from_sumsq(acc[p], inv_c);
-        rms[n * s.L + l0 + p] = rv;
-        r[p] = inv_denom(rv, eps);
-      }
-      for (int64_t ch = 0; ch < s.C; ++ch) {
-        const int64_t o = base + ch * s.sC;
-        if (y) {
-          for (int64_t p = 0; p < len; ++p) {
-            const float v = to_f(x[o + p]) * r[p];
-            xn[o + p] = from_f<T>(v);
-            y[o + p] = from_f<T>(mp_silu_f(v));
-          }
-        } else {
-          for (int64_t p = 0; p < len; ++p) xn[o + p] = from_f<T>(to_f(x[o + p]) * r[p]);
-        }
-      }
-    }
-  });
-}
-
-// Total gradient reaching xn: gxn + gy * mp_silu'(xn).
-template <typename T>
-inline float pn_total_grad(const T* gxn, const T* gy, int64_t i, float xnv) {
-  float gt = gxn ? to_f(gxn[i]) : 0.0f;
-  if (gy) gt += to_f(gy[i]) * mp_silu_grad_f(xnv);
-  return gt;
-}
-
-template <typename T>
-void pixel_norm_bwd_t(const NCL& s, const T* gxn, const T* gy, const T* x, const float* rms, T* gx, float eps) {
-  const float inv_c = 1.0f / static_cast<float>(s.C);
-  if (s.sC == 1) {
-    at::parallel_for(0, s.N * s.L, grain_for(s.C), [&](int64_t b, int64_t e) {
-      std::vector<float> gt(s.C);
-      for (int64_t pix = b; pix < e; ++pix) {
-        const int64_t off = (pix / s.L) * s.sN + (pix % s.L) * s.sL;
-        const float rv = rms[pix], r = inv_denom(rv, eps);
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t ch = 0;
-        for (; ch + 8 <= s.C; ch += 8)
-          for (int j = 0; j < 8; ++j) {
-            const float xv = to_f(x[off + ch + j]);
-            const float g = pn_total_grad(gxn, gy, off + ch + j, xv * r);
-            gt[ch + j] = g;
-            acc[j] += g * xv;
-          }
-        float d = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        for (; ch < s.C; ++ch) {
-          const float xv = to_f(x[off + ch]);
-          const float g = pn_total_grad(gxn, gy, off + ch, xv * r);
-          gt[ch] = g;
-          d += g * xv;
-        }
-        const float cd = norm_grad_coef(r, rv, inv_c) * d;
-        for (ch = 0; ch < s.C; ++ch) gx[off + ch] = from_f<T>(gt[ch] * r - cd * to_f(x[off + ch]));
-      }
-    });
-    return;
-  }
-  const int64_t tiles = (s.L + kPixBlock - 1) / kPixBlock;
-  at::parallel_for(0, s.N * tiles, grain_for(kPixBlock * s.C), [&](int64_t b, int64_t e) {
-    std::vector<float> gt(static_cast<size_t>(s.C * kPixBlock));
-    float r[kPixBlock], d[kPixBlock];
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t n = task / tiles, l0 = (task % tiles) * kPixBlock, len = std::min(kPixBlock, s.L - l0);
-      const int64_t base = n * s.sN + l0;
-      for (int64_t p = 0; p < len; ++p) {
-        r[p] = inv_denom(rms[n * s.L + l0 + p], eps);
-        d[p] = 0.0f;
-      }
-      for (int64_t ch = 0; ch < s.C; ++ch) {
-        const int64_t o = base + ch * s.sC;
-        float* gtr = gt.data() + ch * kPixBlock;
-        for (int64_t p = 0; p < len; ++p) {
-          const float xv = to_f(x[o + p]);
-          const float g = pn_total_grad(gxn, gy, o + p, xv * r[p]);
-          gtr[p] = g;
-          d[p] += g * xv;
-        }
-      }
-      for (int64_t p = 0; p < len; ++p) d[p] *= norm_grad_coef(r[p], rms[n * s.L + l0 + p], inv_c);
-      for (int64_t ch = 0; ch < s.C; ++ch) {
-        const int64_t o = base + ch * s.sC;
-        const float* gtr = gt.data() + ch * kPixBlock;
-        for (int64_t p = 0; p < len; ++p) gx[o + p] = from_f<T>(gtr[p] * r[p] - d[p] * to_f(x[o + p]));
-      }
-    }
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// Rows of weights: mp_weight and force_normalize_.
-
-template <typename T>
-void mp_weight_fwd_t(int64_t rows, int64_t len, const T* w, float k, float eps, float* out, float* rms) {
-  const float inv_len = 1.0f / static_cast<float>(len);
-  at::parallel_for(0, rows, grain_for(len), [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-      const T* wr = w + o * len;
-      float* orow = out + o * len;
-      const float rv = rms_from_sumsq(sumsq(wr, len), inv_len);
-      rms[o] = rv;
-      const float sc = inv_denom(rv, eps) * k;
-      for (int64_t i = 0; i < len; ++i) orow[i] = to_f(wr[i]) * sc;
-    }
-  });
-}
-
-template <typename T>
-void mp_weight_bwd_t(int64_t rows, int64_t len, const float* g, const T* w, float k, const float* rms, float eps,
-                     T* gw, float* partial) {
-  const float inv_len = 1.0f / static_cast<float>(len);
-  at::parallel_for(0, rows, grain_for(len), [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-      const T* wr = w + o * len;
-      const float* gr = g + o * len;
-      T* gwr = gw + o * len;
-      const float rv = rms[o], r = inv_denom(rv, eps);
-      const float d = dot(gr, wr, len);
-      const float a = r * k, cd = norm_grad_coef(r, rv, inv_len) * d * k;
-      for (int64_t i = 0; i < len; ++i) gwr[i] = from_f<T>(gr[i] * a - cd * to_f(wr[i]));
-      if (partial) partial[o] = r * d;  // sum_i g_i * w_i * r: d out / d gain, times sqrt(len)
-    }
-  });
-}
-
-template <typename T>
-void force_normalize_t(T* w, int64_t rows, int64_t len, float eps) {
-  const float inv_len = 1.0f / static_cast<float>(len);
-  at::parallel_for(0, rows, grain_for(len), [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-      T* wr = w + o * len;
-      const float r = inv_denom(rms_from_sumsq(sumsq(wr, len), inv_len), eps);
-      for (int64_t i = 0; i < len; ++i) wr[i] = from_f<T>(to_f(wr[i]) * r);
-    }
-  });
-}
-
-template <typename TE, typename TS>
-void ema_lerp_t(TE* e, const TS* src, int64_t n, float weight) {
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t end) {
-    for (int64_t i = b; i < end; ++i) e[i] = from_f<TE>(lerp_f(to_f(e[i]), to_f(src[i]), weight));
-  });
+  return isa;
 }
 
 }  // namespace
 
-// ---------------------------------------------------------------------------------------------
-// Launchers (dtype dispatch of the templates above).
+const char* isa_name() { return kIsaNames[current_isa()]; }
 
-void mp_silu_fwd(DType dt, int64_t n, const void* x, void* y) {
-  MPK_CPU_DISPATCH(dt, T, mp_silu_fwd_t<T>(n, static_cast<const T*>(x), static_cast<T*>(y)));
+bool set_isa(const char* name) {
+  const int want = parse_isa(name);
+  if (want < 0 || want > supported_isa()) return false;
+  g_isa.store(want, std::memory_order_relaxed);
+  return true;
 }
+
+#if MPK_CPU_MULTI_ISA
+#define MPK_CPU_ISA_CALL(fn, ...)                                      \
+  switch (current_isa()) {                                             \
+    case kAvx512: return isa_avx512::fn(__VA_ARGS__);                  \
+    case kAvx2: return isa_avx2::fn(__VA_ARGS__);                      \
+    default: return isa_default::fn(__VA_ARGS__);                      \
+  }
+#else
+#define MPK_CPU_ISA_CALL(fn, ...) return isa_default::fn(__VA_ARGS__);
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Launchers.
+
+void mp_silu_fwd(DType dt, int64_t n, const void* x, void* y) { MPK_CPU_ISA_CALL(mp_silu_fwd, dt, n, x, y) }
 
 void mp_silu_bwd(DType dt, int64_t n, const void* g, const void* x, void* gx) {
-  MPK_CPU_DISPATCH(dt, T, mp_silu_bwd_t<T>(n, static_cast<const T*>(g), static_cast<const T*>(x),
-                                           static_cast<T*>(gx)));
+  MPK_CPU_ISA_CALL(mp_silu_bwd, dt, n, g, x, gx)
 }
 
-void mp_sum_clip_fwd(DType dt, int64_t n, const void* a, const void* b, void* y, float t, float scale,
-                     float clip) {
-  MPK_CPU_DISPATCH(dt, T, mp_sum_clip_fwd_t<T>(n, static_cast<const T*>(a), static_cast<const T*>(b),
-                                               static_cast<T*>(y), t, scale, clip));
+void mp_sum_clip_fwd(DType dt, int64_t n, const void* a, const void* b, void* y, float t, float scale, float clip) {
+  MPK_CPU_ISA_CALL(mp_sum_clip_fwd, dt, n, a, b, y, t, scale, clip)
 }
 
-void mp_sum_clip_bwd(DType dt, int64_t n, const void* g, const void* a, const void* b, void* ga, void* gb,
-                     float t, float scale, float clip) {
-  MPK_CPU_DISPATCH(dt, T, mp_sum_clip_bwd_t<T>(n, static_cast<const T*>(g), static_cast<const T*>(a),
-                                               static_cast<const T*>(b), static_cast<T*>(ga),
-                                               static_cast<T*>(gb), t, scale, clip));
+void mp_sum_clip_bwd(DType dt, int64_t n, const void* g, const void* a, const void* b, void* ga, void* gb, float t,
+                     float scale, float clip) {
+  MPK_CPU_ISA_CALL(mp_sum_clip_bwd, dt, n, g, a, b, ga, gb, t, scale, clip)
 }
 
 void modulated_mp_silu_fwd(DType dt, const NCL& s, const void* y, const void* c, DType cdt, int64_t csN,
                            int64_t csC, void* out) {
-  MPK_CPU_DISPATCH(dt, T, modulated_fwd_t<T>(s, static_cast<const T*>(y), c, cdt, csN, csC, static_cast<T*>(out)));
+  MPK_CPU_ISA_CALL(modulated_mp_silu_fwd, dt, s, y, c, cdt, csN, csC, out)
 }
 
 void modulated_mp_silu_bwd(DType dt, const NCL& s, const void* g, const void* y, const void* c, DType cdt,
                            int64_t csN, int64_t csC, void* gy, void* gc, int64_t gcsN, int64_t gcsC,
-                           float* /*workspace*/) {
-  MPK_CPU_DISPATCH(dt, T, modulated_bwd_t<T>(s, static_cast<const T*>(g), static_cast<const T*>(y), c, cdt, csN,
-                                             csC, static_cast<T*>(gy), gc, gcsN, gcsC));
+                           float* workspace) {
+  MPK_CPU_ISA_CALL(modulated_mp_silu_bwd, dt, s, g, y, c, cdt, csN, csC, gy, gc, gcsN, gcsC, workspace)
 }
 
 void pixel_norm_fwd(DType dt, const NCL& s, const void* x, void* xn, void* y, float* rms, float eps) {
-  MPK_CPU_DISPATCH(dt, T, pixel_norm_fwd_t<T>(s, static_cast<const T*>(x), static_cast<T*>(xn),
-                                              static_cast<T*>(y), rms, eps));
+  MPK_CPU_ISA_CALL(pixel_norm_fwd, dt, s, x, xn, y, rms, eps)
 }
 
 void pixel_norm_bwd(DType dt, const NCL& s, const void* gxn, const void* gy, const void* x, const float* rms,
                     void* gx, float eps) {
-  MPK_CPU_DISPATCH(dt, T, pixel_norm_bwd_t<T>(s, static_cast<const T*>(gxn), static_cast<const T*>(gy),
-                                              static_cast<const T*>(x), rms, static_cast<T*>(gx), eps));
+  MPK_CPU_ISA_CALL(pixel_norm_bwd, dt, s, gxn, gy, x, rms, gx, eps)
 }
 
 void mp_weight_fwd(DType dt, int64_t rows, int64_t len, const void* w, const void* gain_ptr, DType gdt, float gain,
                    float eps, float* out, float* rms) {
-  if (gain_ptr) gain = load_any(gain_ptr, gdt, 0);
-  const float k = gain / std::sqrt(static_cast<float>(len));
-  MPK_CPU_DISPATCH(dt, T, mp_weight_fwd_t<T>(rows, len, static_cast<const T*>(w), k, eps, out, rms));
+  MPK_CPU_ISA_CALL(mp_weight_fwd, dt, rows, len, w, gain_ptr, gdt, gain, eps, out, rms)
 }
 
 void mp_weight_bwd(DType dt, int64_t rows, int64_t len, const float* g, const void* w, const void* gain_ptr,
                    DType gdt, float gain, const float* rms, float eps, void* gw, void* ggain, float* workspace) {
-  if (gain_ptr) gain = load_any(gain_ptr, gdt, 0);
-  const float inv_sqrt_len = 1.0f / std::sqrt(static_cast<float>(len));
-  std::vector<float> partial(ggain ? static_cast<size_t>(rows) : 0);
-  float* part = ggain ? (workspace ? workspace : partial.data()) : nullptr;
-  MPK_CPU_DISPATCH(dt, T, mp_weight_bwd_t<T>(rows, len, g, static_cast<const T*>(w), gain * inv_sqrt_len, rms, eps,
-                                             static_cast<T*>(gw), part));
-  if (ggain) {
-    float tot = 0.0f;
-    for (int64_t o = 0; o < rows; ++o) tot += part[o];
-    store_any(ggain, gdt, 0, tot * inv_sqrt_len);
-  }
+  MPK_CPU_ISA_CALL(mp_weight_bwd, dt, rows, len, g, w, gain_ptr, gdt, gain, rms, eps, gw, ggain, workspace)
 }
 
 void force_normalize(const RowTensor* tensors, int64_t count, float eps) {
-  for (int64_t i = 0; i < count; ++i) {
-    const RowTensor& t = tensors[i];
-    MPK_CPU_DISPATCH(t.dtype, T, force_normalize_t<T>(static_cast<T*>(t.ptr), t.rows, t.len, eps));
-  }
+  MPK_CPU_ISA_CALL(force_normalize, tensors, count, eps)
 }
 
 void ema_lerp(const LerpPair* pairs, int64_t count, float weight) {
-  for (int64_t i = 0; i < count; ++i) {
-    const LerpPair& p = pairs[i];
-    MPK_CPU_DISPATCH(p.ema_dtype, TE,
-                     MPK_CPU_DISPATCH(p.src_dtype, TS,
-                                      ema_lerp_t<TE, TS>(static_cast<TE*>(p.ema), static_cast<const TS*>(p.src),
-                                                         p.numel, weight)));
-  }
+  MPK_CPU_ISA_CALL(ema_lerp, pairs, count, weight)
 }
 
 }  // namespace cpu

@@ -80,6 +80,10 @@ struct LerpPair {
 
 namespace cpu {
 MPK_DECLARE_LAUNCHERS()
+// Instruction set of the CPU kernels in use: "default" (SSE2), "avx2" or "avx512".
+const char* isa_name();
+// Use `name` (at most what the CPU supports); false when it cannot.
+bool set_isa(const char* name);
 }  // namespace cpu
 
 #if defined(MPK_WITH_CUDA)

@@ -54,6 +54,7 @@ class _Backend:
     is_available: Callable[[], bool]
     description: str = ""
     auto_devices: tuple[str, ...] | None = None  # device types 'auto' may pick it for (None = any)
+    prepare: Callable[[], None] | None = None  # explicit set_backend() calls it when not yet available
 
 
 @dataclasses.dataclass
@@ -78,7 +79,7 @@ _AVAILABLE: list[str] | None = None  # cache: availability never changes within 
 
 
 def register_backend(name: str, *, priority: int, is_available: Callable[[], bool] = lambda: True,
-                     description: str = "", auto_devices=None) -> None:
+                     description: str = "", auto_devices=None, prepare: Callable[[], None] | None = None) -> None:
     """Declare a backend. ``is_available`` must be cheap and must not initialise a GPU.
 
     ``auto_devices``: device types for which ``'auto'`` may choose this backend (None: any
@@ -89,7 +90,7 @@ def register_backend(name: str, *, priority: int, is_available: Callable[[], boo
         raise ValueError("backend name 'auto' is reserved")
     global _AVAILABLE
     _BACKENDS[name] = _Backend(name, priority, is_available, description,
-                               None if auto_devices is None else tuple(auto_devices))
+                               None if auto_devices is None else tuple(auto_devices), prepare)
     _AVAILABLE = None
 
 
@@ -147,6 +148,9 @@ def _check_name(name: str) -> str:
     name = name.strip().lower()
     if name != "auto" and name not in _BACKENDS:
         raise ValueError(f"backend: unknown backend {name!r}; choose 'auto' or one of {registered_backends()}")
+    if name != "auto" and name not in _available() and _BACKENDS[name].prepare is not None:
+        _BACKENDS[name].prepare()
+        refresh_availability()
     if name != "auto" and name not in _available():
         raise ValueError(f"backend: {name!r} is not available in this process; available: {available_backends()}")
     return name

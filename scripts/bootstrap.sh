@@ -3,6 +3,7 @@
 # Idempotent: a second run only re-installs the project itself. Nothing is downloaded beyond
 # the package registries (torch comes from pip's index or the machine's local copy).
 set -euo pipefail
+export MAX_JOBS=${MAX_JOBS:-2}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
