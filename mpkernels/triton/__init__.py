@@ -20,14 +20,8 @@ from ._common import INTERPRET, all_configs
 if INTERPRET:
     from . import _interpreter  # noqa: F401  (fixes for the interpreter's bf16 dot)
 
-import importlib as _il  # TEMP
-_mods = {}
-for _m in ("cosine_attention", "modulated_mp_silu", "mp_cat", "mp_fourier", "mp_silu", "mp_sum", "mp_weight", "multi_tensor", "normalize", "resample"):
-    try:
-        _mods[_m] = _il.import_module("." + _m, __name__)
-    except ModuleNotFoundError:
-        pass
-globals().update(_mods)
+from . import (cosine_attention, modulated_mp_silu, mp_cat, mp_fourier, mp_silu, mp_sum, mp_weight,  # noqa: E402
+               multi_tensor, normalize, resample)
 
 
 def _is_available() -> bool:
@@ -40,7 +34,7 @@ register_backend("triton", priority=20, is_available=_is_available, auto_devices
 
 _DEVICES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
-_OPS_ = lambda: {
+_OPS = {
     "normalize": (normalize.normalize, normalize.supports),
     "pixel_norm": (normalize.pixel_norm, normalize.supports),
     "pixel_norm_mp_silu": (normalize.pixel_norm_mp_silu, normalize.supports),
@@ -58,7 +52,7 @@ _OPS_ = lambda: {
     "force_normalize_": (multi_tensor.force_normalize_, multi_tensor.supports_force_normalize),
     "ema_lerp_": (multi_tensor.ema_lerp_, multi_tensor.supports_ema_lerp),
 }
-for _op, (_fn, _supports) in _OPS.items() if False else []:
+for _op, (_fn, _supports) in _OPS.items():
     register(_op, "triton", _fn, devices=_DEVICES, supports=_supports)
 
 __all__ = ["all_configs", "INTERPRET", "_common"]

@@ -81,30 +81,6 @@ def memory_order(t: torch.Tensor) -> list[int]:
     return order
 
 
-def rows_layout(x: torch.Tensor, dim: int) -> tuple[int, int, int, bool] | None:
-    """View a dense ``x`` as ``[outer, R, inner]`` with ``R = x.shape[dim]``.
-
-    Returns ``(outer, R, inner, r_contig)`` or None when neither fast layout applies:
-    ``r_contig=False``: ``x`` is contiguous (NCHW): element ``(o, r, i)`` at ``(o*R + r)*inner + i``;
-    ``r_contig=True``: ``dim`` is innermost in memory (channels_last for dim 1): at ``(o*inner + i)*R + r``.
-    """
-    shape = x.shape
-    outer = 1
-    for n in shape[:dim]:
-        outer *= n
-    inner = 1
-    for n in shape[dim + 1:]:
-        inner *= n
-    r = shape[dim]
-    if inner == 1 and x.is_contiguous():
-        return outer, r, inner, True
-    if x.movedim(dim, -1).is_contiguous():
-        return outer, r, inner, True
-    if x.is_contiguous():
-        return outer, r, inner, False
-    return None
-
-
 # --- launch configurations -----------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +92,18 @@ class LaunchConfig:
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int = 4
     num_stages: int = 3
+    # JIT specializations this configuration can run as: 'generic' (no divisibility facts) and/or
+    # 'aligned' (16-byte aligned pointers, integers divisible by 16). Launchers that pick tiles
+    # by alignment declare only the one their condition guarantees.
+    variants: tuple[str, ...] = ("generic", "aligned")
+
+    @property
+    def maxnreg(self) -> int:
+        """Register cap passed to ptxas: all a thread may have at this block size (no tighter).
+
+        Without it ptxas may choose fewer registers to fit more blocks per SM and spill to
+        local memory to get there; with it the kernel still launches at any occupancy."""
+        return min(255, 65536 // (32 * self.num_warps))
 
     @property
     def name(self) -> str:
@@ -134,7 +122,8 @@ def kernel_arg_names(kernel) -> list[str]:
 
 
 def make_config(kernel, *, ptrs: dict[str, torch.dtype | str], constexprs: dict, floats: Iterable[str] = (),
-                ints64: Iterable[str] = (), num_warps: int = 4, num_stages: int = 3) -> LaunchConfig:
+                ints64: Iterable[str] = (), num_warps: int = 4, num_stages: int = 3,
+                variants: tuple[str, ...] = ("generic", "aligned")) -> LaunchConfig:
     """Build a :class:`LaunchConfig`; arguments not named are 32-bit integers."""
     floats, ints64 = set(floats), set(ints64)
     sig = []
@@ -150,7 +139,7 @@ def make_config(kernel, *, ptrs: dict[str, torch.dtype | str], constexprs: dict,
             sig.append((a, "i64"))
         else:
             sig.append((a, "i32"))
-    return LaunchConfig(kernel, tuple(sig), tuple(constexprs.items()), num_warps, num_stages)
+    return LaunchConfig(kernel, tuple(sig), tuple(constexprs.items()), num_warps, num_stages, tuple(variants))
 
 
 _CONFIG_SOURCES: list[Callable[[], Iterable[LaunchConfig]]] = []
@@ -167,7 +156,7 @@ def all_configs() -> list[LaunchConfig]:
     seen, out = set(), []
     for src in _CONFIG_SOURCES:
         for cfg in src():
-            key = (id(cfg.kernel), cfg.signature, cfg.constexprs, cfg.num_warps, cfg.num_stages)
+            key = (id(cfg.kernel), cfg.signature, cfg.constexprs, cfg.num_warps, cfg.num_stages, cfg.variants)
             if key not in seen:
                 seen.add(key)
                 out.append(cfg)
@@ -178,7 +167,7 @@ def launch(cfg: LaunchConfig, grid, *args, **kwargs) -> None:
     """Launch ``cfg.kernel`` on ``grid`` with its constexprs, warps and stages."""
     with device_of(args):
         cfg.kernel[grid](*args, **dict(cfg.constexprs), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                         **kwargs)
+                         maxnreg=cfg.maxnreg, **kwargs)
 
 
 @contextlib.contextmanager

@@ -52,8 +52,8 @@ def _mp_cat_kernel(src1_ptr, dst1_ptr, src2_ptr, dst2_ptr, M, K1, K2, src1_strid
                     BLOCK_M, BLOCK_K)
 
 
-TILE = 4096
-BLOCK_KS = (16, 64, 256, 1024, 4096)
+TILE = 2048  # 16 elements per thread
+BLOCK_KS = (16, 64, 256, 1024)
 
 
 def _config(d, block_k):

@@ -3,9 +3,12 @@
 ``y = a * ca + b * cb`` with ``ca = (1-t)/sqrt((1-t)^2 + t^2)``, ``cb = t/sqrt(...)`` (the lerp
 and the rescale in one multiply-add, fp32), optionally clipped to ``[-clip, clip]``.
 Element-wise over the dense storage shared by ``a`` and ``b`` (``b`` is copied into ``a``'s
-layout only when the two differ). Backward: ``da = g * ca``, ``db = g * cb`` in one kernel;
-with clipping, the gradient is zeroed where the output sits at ``±clip``, so the only tensor
-saved is the output itself (which the next layer keeps anyway), not the unclipped sum.
+layout only when the two differ). Backward: ``da = g * ca``, ``db = g * cb`` in one kernel.
+
+With clipping, the forward also writes the clip mask as bits (1 where ``-clip <= sum <= clip``
+for the unrounded fp32 sum, so the gradient passes exactly where ``clamp``'s would): one bit
+per element is all the backward reads and all that is saved, instead of the reference's
+saved pre-clip tensor.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from . import _common as C
 
 
 @triton.jit
-def _mp_sum_fwd_kernel(a_ptr, b_ptr, y_ptr, n, ca, cb, clip, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+def _mp_sum_fwd_kernel(a_ptr, b_ptr, y_ptr, mask_ptr, n, ca, cb, clip, CLIP: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     off = tl.arange(0, BLOCK)
     m = off < n - start
@@ -29,19 +32,23 @@ def _mp_sum_fwd_kernel(a_ptr, b_ptr, y_ptr, n, ca, cb, clip, CLIP: tl.constexpr,
     b = tl.load(b_ptr + start + off, mask=m, other=0.0).to(tl.float32)
     y = a * ca + b * cb
     if CLIP:
+        keep = ((y >= -clip) & (y <= clip)).to(tl.int32)
+        bits = tl.sum(tl.reshape(keep, [BLOCK // 8, 8]) << tl.arange(0, 8)[None, :], axis=1)
+        byte = tl.arange(0, BLOCK // 8)
+        tl.store(mask_ptr + start // 8 + byte, bits.to(tl.uint8), mask=byte * 8 < n - start)
         y = tl.minimum(tl.maximum(y, -clip), clip)
     tl.store(y_ptr + start + off, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _mp_sum_bwd_kernel(g_ptr, y_ptr, da_ptr, db_ptr, n, ca, cb, clip, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+def _mp_sum_bwd_kernel(g_ptr, mask_ptr, da_ptr, db_ptr, n, ca, cb, CLIP: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     off = tl.arange(0, BLOCK)
     m = off < n - start
     g = tl.load(g_ptr + start + off, mask=m, other=0.0).to(tl.float32)
-    if CLIP:  # clamp passes the gradient strictly inside the range
-        y = tl.load(y_ptr + start + off, mask=m, other=0.0).to(tl.float32)
-        g = tl.where(tl.abs(y) < clip, g, 0.0)
+    if CLIP:  # the gradient passes where clamp's would (bit set in the forward's mask)
+        bits = tl.load(mask_ptr + start // 8 + off // 8, mask=m, other=0).to(tl.int32)
+        g = tl.where(((bits >> (off % 8)) & 1) != 0, g, 0.0)
     tl.store(da_ptr + start + off, (g * ca).to(da_ptr.dtype.element_ty), mask=m)
     tl.store(db_ptr + start + off, (g * cb).to(db_ptr.dtype.element_ty), mask=m)
 
@@ -51,13 +58,14 @@ NUM_WARPS = 4
 
 
 def _fwd_config(d, clip):
-    return C.make_config(_mp_sum_fwd_kernel, ptrs=dict(a_ptr=d, b_ptr=d, y_ptr=d), floats=("ca", "cb", "clip"),
-                         constexprs=dict(CLIP=clip, BLOCK=BLOCK), num_warps=NUM_WARPS, num_stages=1)
+    return C.make_config(_mp_sum_fwd_kernel, ptrs=dict(a_ptr=d, b_ptr=d, y_ptr=d, mask_ptr="u8"),
+                         floats=("ca", "cb", "clip"), constexprs=dict(CLIP=clip, BLOCK=BLOCK),
+                         num_warps=NUM_WARPS, num_stages=1)
 
 
 def _bwd_config(d, clip):
-    return C.make_config(_mp_sum_bwd_kernel, ptrs=dict(g_ptr=d, y_ptr=d, da_ptr=d, db_ptr=d),
-                         floats=("ca", "cb", "clip"), constexprs=dict(CLIP=clip, BLOCK=BLOCK),
+    return C.make_config(_mp_sum_bwd_kernel, ptrs=dict(g_ptr=d, mask_ptr="u8", da_ptr=d, db_ptr=d),
+                         floats=("ca", "cb"), constexprs=dict(CLIP=clip, BLOCK=BLOCK),
                          num_warps=NUM_WARPS, num_stages=1)
 
 
@@ -75,43 +83,68 @@ def _coefs(t: float) -> tuple[float, float]:
 
 
 def mp_sum_forward(a, b, t: float, clip: float | None):
+    """``(y, mask)``; ``mask`` holds one bit per element when clipping (else it is empty)."""
     ca, cb = _coefs(t)
     y = C.empty_like_dense(a)
     n = a.numel()
-    C.launch(_fwd_config(a.dtype, clip is not None), (C.cdiv(n, BLOCK),), a, b, y, n, ca, cb,
+    mask = torch.empty((C.cdiv(n, 8) if clip is not None else 0,), dtype=torch.uint8, device=a.device)
+    C.launch(_fwd_config(a.dtype, clip is not None), (C.cdiv(n, BLOCK),), a, b, y, mask, n, ca, cb,
              float(clip) if clip is not None else 0.0)
-    return y
+    return y, mask
 
 
-def mp_sum_backward(g, y, t: float, clip: float | None, like_tensor):
+def mp_sum_backward(g, mask, t: float, layout):
+    """``(da, db)`` in the layout of the dense tensor ``layout``; ``mask`` None when not clipping."""
     ca, cb = _coefs(t)
-    g = C.like(g, like_tensor)
-    da = C.empty_like_dense(like_tensor)
-    db = C.empty_like_dense(like_tensor)
+    g = C.like(g, layout)
+    da = C.empty_like_dense(layout)
+    db = C.empty_like_dense(layout)
     n = g.numel()
-    if clip is not None:
-        y = C.like(y, like_tensor)
-    C.launch(_bwd_config(g.dtype, clip is not None), (C.cdiv(n, BLOCK),), g, y if clip is not None else g, da, db,
-             n, ca, cb, float(clip) if clip is not None else 0.0)
+    C.launch(_bwd_config(g.dtype, mask is not None), (C.cdiv(n, BLOCK),), g, mask if mask is not None else g,
+             da, db, n, ca, cb)
     return da, db
 
 
-# mp_sum saves nothing (the backward only needs t); a 0-element witness gives the layout of a.
+# mp_sum saves nothing: the backward needs only t. mp_sum_clip saves its bit mask.
 _sum_op = kernel_op("triton_mp_sum", "(Tensor a, Tensor b, float t) -> Tensor",
-                    impl=lambda a, b, t: mp_sum_forward(a, b, t, None),
+                    impl=lambda a, b, t: mp_sum_forward(a, b, t, None)[0],
                     fake=lambda a, b, t: torch.empty_like(a))
 _sum_bwd_op = kernel_op("triton_mp_sum_backward", "(Tensor g, float t) -> (Tensor, Tensor)",
-                        impl=lambda g, t: mp_sum_backward(C.dense(g), None, t, None, C.dense(g)),
+                        impl=lambda g, t: mp_sum_backward(g, None, t, C.dense(g)),
                         fake=lambda g, t: (torch.empty_like(g), torch.empty_like(g)))
 with_backward(_sum_op, _sum_bwd_op, num_outputs=1, nontensor_args=(2,), grads_for=(0, 1))
 
-_clip_op = kernel_op("triton_mp_sum_clip", "(Tensor a, Tensor b, float t, float clip) -> Tensor",
+
+def _mask_fake(a):
+    return a.new_empty((C.cdiv(a.numel(), 8),), dtype=torch.uint8)
+
+
+_clip_op = kernel_op("triton_mp_sum_clip", "(Tensor a, Tensor b, float t, float clip) -> (Tensor, Tensor)",
                      impl=lambda a, b, t, clip: mp_sum_forward(a, b, t, clip),
-                     fake=lambda a, b, t, clip: torch.empty_like(a))
-_clip_bwd_op = kernel_op("triton_mp_sum_clip_backward", "(Tensor g, Tensor y, float t, float clip) -> (Tensor, Tensor)",
-                         impl=lambda g, y, t, clip: mp_sum_backward(g, y, t, clip, y),
-                         fake=lambda g, y, t, clip: (torch.empty_like(y), torch.empty_like(y)))
-with_backward(_clip_op, _clip_bwd_op, num_outputs=1, saved_outputs=(0,), nontensor_args=(2, 3), grads_for=(0, 1))
+                     fake=lambda a, b, t, clip: (torch.empty_like(a), _mask_fake(a)))
+_clip_bwd_op = kernel_op("triton_mp_sum_clip_backward", "(Tensor g, Tensor mask, float t) -> (Tensor, Tensor)",
+                         impl=lambda g, mask, t: mp_sum_backward(g, mask, t, C.dense(g)),
+                         fake=lambda g, mask, t: (torch.empty_like(g), torch.empty_like(g)))
+
+
+def _clip_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.t = inputs[2]
+    ctx.layout = (tuple(inputs[0].shape), tuple(inputs[0].stride()))
+
+
+def _clip_backward(ctx, g, _g_mask):
+    (mask,) = ctx.saved_tensors
+    shape, stride = ctx.layout
+    # The mask's bits follow a's storage order: bring g into that order first (no copy when it already is).
+    if not C.is_dense(g) or any(n != 1 and s != t for n, s, t in zip(shape, g.stride(), stride)):
+        g = torch.empty_strided(shape, stride, dtype=g.dtype, device=g.device).copy_(g)
+    da, db = _clip_bwd_op(g, mask, ctx.t)
+    return da, db, None, None
+
+
+_clip_op.register_autograd(_clip_backward, setup_context=_clip_setup)
 
 
 def _pair(a, b):
@@ -126,7 +159,7 @@ def mp_sum(a, b, t: float):
 
 def mp_sum_clip(a, b, t: float, clip: float):
     a, b = _pair(a, b)
-    return _clip_op(a, b, t, clip)
+    return _clip_op(a, b, t, clip)[0]
 
 
 def supports(a, b, *args) -> bool:

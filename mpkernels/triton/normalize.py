@@ -169,8 +169,9 @@ def _normalize_bwd_kernel(g_ptr, gs_ptr, x_ptr, inv_ptr, gain_ptr, dx_ptr, dgain
 # --- configurations --------------------------------------------------------------------------
 
 MAX_ONE_PASS_R = 1024  # rows up to this length stay in registers (EDM2-S has C <= 768)
-_FWD_TILE = 8192  # elements per program
-_BWD_TILE = 4096
+BLOCK_RS = (64, 256, 512, 1024)  # few sizes: every one is compiled ahead of time in the tests
+_TILE = {False: 8192, True: 4096}  # elements per program (forward, backward)
+_PER_THREAD = {False: 16, True: 8}  # elements per thread (the backward holds three tiles)
 _TWO_PASS = {True: (1024, 4), False: (64, 64)}  # R_CONTIG -> (BLOCK_R chunk, BLOCK_I)
 
 
@@ -178,19 +179,19 @@ def _blocks(R: int, r_contig: bool, bwd: bool) -> tuple[bool, int, int]:
     """(ONE_PASS, BLOCK_R, BLOCK_I) for rows of length R."""
     if R > MAX_ONE_PASS_R:
         return (False,) + _TWO_PASS[r_contig]
-    block_r = max(16, C.next_pow2(R))
-    tile = _BWD_TILE if bwd else _FWD_TILE
-    block_i = max(1, tile // block_r) if r_contig else min(256, max(16, tile // block_r))
+    block_r = next(b for b in BLOCK_RS if b >= R)
+    tile = _TILE[bwd]
+    # NCHW: at least 8 contiguous pixels per row of the tile (a full 32-byte sector in fp32).
+    block_i = max(1, tile // block_r) if r_contig else min(128, max(8, tile // block_r))
     return True, block_r, block_i
 
 
 def _all_blocks(r_contig: bool, bwd: bool):
-    out = [_blocks(r, r_contig, bwd) for r in [2 ** k for k in range(4, 11)]]
-    return out + [_blocks(MAX_ONE_PASS_R + 1, r_contig, bwd)]
+    return [_blocks(r, r_contig, bwd) for r in BLOCK_RS + (MAX_ONE_PASS_R + 1,)]
 
 
-def _warps(block_r: int, block_i: int) -> int:
-    return max(4, min(16, block_r * block_i // 1024))
+def _warps(block_r: int, block_i: int, bwd: bool) -> int:
+    return max(4, min(16, block_r * block_i // (32 * _PER_THREAD[bwd])))
 
 
 def _fwd_config(r_contig, silu, gain, one_pass, block_r, block_i, xd, yd):
@@ -198,7 +199,7 @@ def _fwd_config(r_contig, silu, gain, one_pass, block_r, block_i, xd, yd):
     return C.make_config(_normalize_fwd_kernel, ptrs=ptrs, floats=("eps", "inv_sqrt_r", "scale"),
                          constexprs=dict(R_CONTIG=r_contig, SILU=silu, GAIN=gain, ONE_PASS=one_pass,
                                          BLOCK_R=block_r, BLOCK_I=block_i),
-                         num_warps=_warps(block_r, block_i), num_stages=1)
+                         num_warps=_warps(block_r, block_i, False), num_stages=1)
 
 
 def _bwd_config(r_contig, silu, gain, one_pass, block_r, block_i, xd, gd):
@@ -207,7 +208,7 @@ def _bwd_config(r_contig, silu, gain, one_pass, block_r, block_i, xd, gd):
     return C.make_config(_normalize_bwd_kernel, ptrs=ptrs, floats=("eps", "inv_r", "scale"),
                          constexprs=dict(R_CONTIG=r_contig, SILU=silu, GAIN=gain, ONE_PASS=one_pass,
                                          BLOCK_R=block_r, BLOCK_I=block_i),
-                         num_warps=_warps(block_r, block_i), num_stages=1)
+                         num_warps=_warps(block_r, block_i, True), num_stages=1)
 
 
 @C.declare_configs
@@ -232,7 +233,7 @@ def _grid(outer, R, inner, block_i, r_contig):
 
 
 def normalize_forward(x3: torch.Tensor, eps: float, silu: bool = False, *, out_dtype=None, scale: float = 1.0,
-                      gain: torch.Tensor | None = None):
+                      gain: torch.Tensor | None = None, blocks=None):
     """Launch the forward kernel on a contiguous ``[outer, R, inner]`` tensor.
 
     Returns ``(y, s or None, inv)``; ``inv`` is fp32 ``[outer, 1, inner]``.
@@ -243,7 +244,7 @@ def normalize_forward(x3: torch.Tensor, eps: float, silu: bool = False, *, out_d
     y = torch.empty(x3.shape, dtype=out_dtype or x3.dtype, device=x3.device)
     s = torch.empty_like(x3) if silu else None
     inv = torch.empty((outer, 1, inner), dtype=torch.float32, device=x3.device)
-    one_pass, block_r, block_i = _blocks(R, r_contig, False)
+    one_pass, block_r, block_i = blocks or _blocks(R, r_contig, False)
     cfg = _fwd_config(r_contig, silu, gain is not None, one_pass, block_r, block_i, x3.dtype, y.dtype)
     grid, inner_arg, nib = _grid(outer, R, inner, block_i, r_contig)
     C.launch(cfg, grid, x3, y, s if silu else x3, inv, gain if gain is not None else x3, R, inner_arg, nib,
@@ -252,7 +253,7 @@ def normalize_forward(x3: torch.Tensor, eps: float, silu: bool = False, *, out_d
 
 
 def normalize_backward(g: torch.Tensor, gs: torch.Tensor | None, x3: torch.Tensor, inv: torch.Tensor, eps: float,
-                       *, scale: float = 1.0, gain: torch.Tensor | None = None):
+                       *, scale: float = 1.0, gain: torch.Tensor | None = None, blocks=None):
     """Launch the backward kernel; returns ``(dx, dgain_rows or None)`` (``dx`` in ``x3.dtype``)."""
     outer, R, inner = x3.shape
     r_contig = inner == 1
@@ -262,7 +263,7 @@ def normalize_backward(g: torch.Tensor, gs: torch.Tensor | None, x3: torch.Tenso
         gs = gs.to(g.dtype)
     dx = torch.empty_like(x3)
     dgain = torch.empty((outer * inner,), dtype=torch.float32, device=x3.device) if gain is not None else None
-    one_pass, block_r, block_i = _blocks(R, r_contig, True)
+    one_pass, block_r, block_i = blocks or _blocks(R, r_contig, True)
     cfg = _bwd_config(r_contig, gs is not None, gain is not None, one_pass, block_r, block_i, x3.dtype, g.dtype)
     grid, inner_arg, nib = _grid(outer, R, inner, block_i, r_contig)
     C.launch(cfg, grid, g, gs if gs is not None else g, x3, inv, gain if gain is not None else x3, dx,

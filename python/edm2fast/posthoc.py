@@ -28,7 +28,7 @@ from . import io as edm_io
 from . import phema
 
 __all__ = ["Snapshot", "list_snapshots", "select_inputs", "solve", "reconstruct_states", "reconstruct_to_files",
-           "reconstruct_networks", "plot_profiles", "check_stds"]
+           "iter_networks", "reconstruct_networks", "plot_profiles", "check_stds"]
 
 _SNAPSHOT_RE = re.compile(r"^(?P<prefix>.+)-(?P<kimg>\d{7})-(?P<std>\d+\.\d{3})\.safetensors$")
 
@@ -219,19 +219,31 @@ def reconstruct_to_files(source, out_dir, out_stds, out_nimg: int | None = None,
     return paths
 
 
-def reconstruct_networks(source, out_stds, out_nimg: int | None = None, *, prefix: str | None = None,
-                         device="cpu", max_outputs: int = 8) -> list[tuple[float, torch.nn.Module]]:
-    """Reconstructed networks in memory (eval mode, fp32): ``[(sigma_rel, Precond)]``."""
+def iter_networks(source, out_stds, out_nimg: int | None = None, *, prefix: str | None = None,
+                  device="cpu", max_outputs: int = 8, compute_dtype: str | None = None):
+    """Yield ``(sigma_rel, Precond)`` per wanted sigma_rel (eval mode, fp32 parameters), streaming.
+
+    Memory holds one batch of ``max_outputs`` reconstructions (and one input) at a time.
+    ``compute_dtype`` (``'fp16'|'bf16'|'fp32'``) replaces the compute precision the
+    snapshots recorded (None keeps it).
+    """
     snaps = _as_snapshots(source, prefix)
-    out = []
     meta_keys = {k: v for k, v in snaps[-1].metadata.items() if k != "net_kwargs"}
+    kwargs = dict(snaps[0].net_kwargs)
+    if compute_dtype is not None:
+        kwargs["dtype"] = compute_dtype
     for std, state, info in reconstruct_states(snaps, out_stds, out_nimg, max_outputs):
-        net = edm_io.build_net("meta", **snaps[0].net_kwargs)
+        net = edm_io.build_net("meta", **kwargs)
         net.load_state_dict(state, strict=True, assign=True)
+        del state
         net = net.to(device).eval().requires_grad_(False)
         net.snapshot_metadata = dict(meta_keys, sigma_rel=std, nimg=info["nimg"], posthoc=True)
-        out.append((std, net))
-    return out
+        yield std, net
+
+
+def reconstruct_networks(source, out_stds, out_nimg: int | None = None, **kwargs) -> list:
+    """:func:`iter_networks` as a list of ``(sigma_rel, Precond)``."""
+    return list(iter_networks(source, out_stds, out_nimg, **kwargs))
 
 
 def plot_profiles(source, out_stds, path, out_nimg: int | None = None, prefix: str | None = None) -> str:

@@ -24,7 +24,7 @@ from ..cli import UserError
 from .generate import _device, class_labels_for, generate_images, load_net, parse_seeds, seeds_arg, set_backend
 from .train import nonneg_float, positive_int
 
-DESCRIPTION = __doc__
+DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ import torch
 from ..cli import UserError
 from .train import nonneg_float, positive_float, positive_int
 
-DESCRIPTION = __doc__
+DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
 
 # Spec §5: VAE latents are stored as (z - raw_mean) / raw_std * 0.5.
 _LATENT_RAW_MEAN = [5.81, 3.25, 0.12, -2.15]
@@ -87,6 +87,8 @@ def load_net(path: str, what: str = "net", device="cpu", dtype: str | None = Non
         raise UserError(f"--{what}: {path}: no such file")
     if os.path.isdir(path):
         raise UserError(f"--{what}: {path} is a folder; give a .safetensors snapshot")
+    if dtype is None and torch.device(device).type == "cpu":
+        dtype = "fp32"  # a GPU-trained snapshot records fp16 compute; slow or unsupported on CPUs
     try:
         net = edm_io.load(path, device=device, compute_dtype=dtype)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
@@ -108,7 +110,7 @@ def class_labels_for(net, seeds, class_spec) -> list[int] | None:
         return None
     if class_spec is None or class_spec == "random":
         gen = StackedRandomGenerator("cpu", seeds)
-        return gen.randint(label_dim, size=[len(seeds), 1]).reshape(-1).tolist()
+        return gen.randint(0, label_dim, size=[len(seeds), 1]).reshape(-1).tolist()
     if class_spec == "cycle":
         return [s % label_dim for s in seeds]
     if not 0 <= class_spec < label_dim:
@@ -257,7 +259,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--S_churn", type=nonneg_float, default=0.0, help="stochasticity (default: 0, pure ODE)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
-                        help="compute precision (default: the network's: fp16 on CUDA, fp32 on CPU)")
+                        help="compute precision (default: the snapshot's on CUDA, fp32 on CPU)")
     parser.add_argument("--backend", default="auto", help="mpkernels backend (default: auto)")
 
 
@@ -265,9 +267,12 @@ def _device(name):
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise UserError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
 
 
 def set_backend(name: str) -> None:

@@ -18,7 +18,7 @@ import os
 from ..cli import UserError
 from .train import nimg_arg, positive_int, std_list
 
-DESCRIPTION = __doc__
+DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from .generate import _device, class_labels_for, generate_images, parse_seeds, s
     save_png
 from .train import nimg_arg, positive_int, std_list
 
-DESCRIPTION = __doc__
+DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
 DEFAULT_STDS = "0.010,0.020,0.030,0.050,0.070,0.100,0.150,0.200"
 
 
@@ -95,7 +95,9 @@ def run(args) -> int:
           f"each, {args.steps} steps")
     seeds = parse_seeds(f"0-{args.num - 1}")
     results = []
-    for std, net in posthoc.reconstruct_networks(snaps, args.std, args.nimg, device=device):
+    compute_dtype = "fp32" if device.type == "cpu" else None
+    for std, net in posthoc.iter_networks(snaps, args.std, args.nimg, device=device, max_outputs=4,
+                                          compute_dtype=compute_dtype):
         check_digits_net(net, "--indir")
         classes = class_labels_for(net, seeds, "cycle")
         images = generate_images(net, seeds, classes, num_steps=args.steps, batch=args.batch, device=device)

@@ -17,7 +17,7 @@ import argparse
 
 from ..cli import UserError
 
-DESCRIPTION = __doc__
+DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
 
 
 def nimg_arg(value: str) -> int:

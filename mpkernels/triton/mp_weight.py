@@ -1,0 +1,120 @@
+"""``mp_weight`` and the MPConv layers built on it: ``mp_conv2d``, ``mp_linear`` (spec §1 "MPConv").
+
+``w_eff = normalize(w) * gain / sqrt(fan_in)`` in one kernel: per output row an fp32 norm, the
+scale, and the cast to the compute dtype (fp32 for :func:`mpkernels.mp_weight`, ``x.dtype``
+for the layers, so no separate cast kernel). cuDNN / cuBLAS do the convolution itself
+(``F.conv2d`` / ``F.linear``), so autograd, channels_last and ``torch.compile`` treat it as usual.
+
+Backward through the normalization (the kernels of :mod:`.normalize`, flag ``GAIN``):
+``dw = s*gain*(inv*g - w*inv^2*<g,w>/(K*rms))``, ``s = 1/sqrt(fan_in)``; for a tensor gain
+``dgain = s * sum_rows inv*<g,w>`` (per-row partials from the kernel, summed by one small
+reduction). Saved: the weight (a parameter, no copy), the gain, and fp32 ``inv`` per row.
+
+Weights are normalized in fp32: a half-precision weight is widened first (parameters are
+fp32 in practice).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._library import kernel_op, with_backward
+from . import _common as C
+from . import normalize as NZ
+
+MIN_BLOCK_R = 1024  # weights are small: one block size for every row length up to 1024
+
+
+def _blocks(R: int, bwd: bool):
+    return NZ._blocks(max(R, MIN_BLOCK_R), True, bwd)
+
+
+@C.declare_configs
+def configs():
+    for yd in C.DTYPES:
+        for gain in (False, True):
+            for R in (MIN_BLOCK_R, MIN_BLOCK_R + 1):
+                yield NZ._fwd_config(True, False, gain, *_blocks(R, False), torch.float32, yd)
+                yield NZ._bwd_config(True, False, gain, *_blocks(R, True), torch.float32, yd)
+
+
+def _forward(w2: torch.Tensor, gain: torch.Tensor | None, scale: float, eps: float, dtype: torch.dtype):
+    x3 = w2.unsqueeze(-1)
+    one_pass, block_r, block_i = _blocks(x3.shape[1], False)
+    y, _, inv = NZ.normalize_forward(x3, eps, out_dtype=dtype, scale=scale, gain=gain,
+                                     blocks=(one_pass, block_r, block_i))
+    return y.squeeze(-1), inv.reshape(-1)
+
+
+def _backward(g: torch.Tensor, w2: torch.Tensor, gain: torch.Tensor | None, inv: torch.Tensor, scale: float,
+              eps: float):
+    x3 = w2.unsqueeze(-1)
+    dx, dgain = NZ.normalize_backward(g.contiguous().unsqueeze(-1), None, x3, inv.reshape(-1, 1, 1), eps,
+                                      scale=scale, gain=gain, blocks=_blocks(x3.shape[1], True))
+    return dx.squeeze(-1), (dgain.sum() if dgain is not None else None)
+
+
+def _fake_fwd(w2, *args):
+    dtype = args[-1]
+    return w2.new_empty(w2.shape, dtype=dtype), w2.new_empty((w2.shape[0],), dtype=torch.float32)
+
+
+_fwd_op = kernel_op("triton_mp_weight", "(Tensor w, float scale, float eps, ScalarType dtype) -> (Tensor, Tensor)",
+                    impl=lambda w, scale, eps, dtype: _forward(w, None, scale, eps, dtype), fake=_fake_fwd)
+_bwd_op = kernel_op("triton_mp_weight_backward", "(Tensor g, Tensor w, Tensor inv, float scale, float eps) -> Tensor",
+                    impl=lambda g, w, inv, scale, eps: _backward(g, w, None, inv, scale, eps)[0],
+                    fake=lambda g, w, inv, scale, eps: torch.empty_like(w))
+with_backward(_fwd_op, _bwd_op, num_outputs=1, saved_inputs=(0,), saved_outputs=(1,), nontensor_args=(1, 2),
+              grads_for=(0,))
+
+_fwd_gain_op = kernel_op(
+    "triton_mp_weight_gain", "(Tensor w, Tensor gain, float scale, float eps, ScalarType dtype) -> (Tensor, Tensor)",
+    impl=lambda w, gain, scale, eps, dtype: _forward(w, gain, scale, eps, dtype), fake=_fake_fwd)
+_bwd_gain_op = kernel_op(
+    "triton_mp_weight_gain_backward",
+    "(Tensor g, Tensor w, Tensor gain, Tensor inv, float scale, float eps) -> (Tensor, Tensor)",
+    impl=lambda g, w, gain, inv, scale, eps: _backward(g, w, gain, inv, scale, eps),
+    fake=lambda g, w, gain, inv, scale, eps: (torch.empty_like(w), gain.new_empty(())))
+with_backward(_fwd_gain_op, _bwd_gain_op, num_outputs=1, saved_inputs=(0, 1), saved_outputs=(1,),
+              nontensor_args=(2, 3), grads_for=(0, 1))
+
+
+def weight(w: torch.Tensor, gain, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """``normalize(w) * gain / sqrt(fan_in)`` cast to ``dtype``, differentiable in ``w`` and a tensor gain."""
+    shape = w.shape
+    w2 = w.float().reshape(shape[0], -1)
+    if not w2.is_contiguous():
+        w2 = w2.contiguous()
+    s = 1.0 / math.sqrt(w2.shape[1])
+    if isinstance(gain, torch.Tensor):
+        y, _ = _fwd_gain_op(w2, gain.float().reshape(()), s, eps, dtype)
+    else:
+        y, _ = _fwd_op(w2, float(gain) * s, eps, dtype)
+    return y.reshape(shape)
+
+
+def mp_weight(w: torch.Tensor, gain, eps: float) -> torch.Tensor:
+    return weight(w, gain, eps, torch.float32)
+
+
+def mp_conv2d(x: torch.Tensor, w: torch.Tensor, gain) -> torch.Tensor:
+    return F.conv2d(x, weight(w, gain, 1e-4, x.dtype), padding=w.shape[-1] // 2)
+
+
+def mp_linear(x: torch.Tensor, w: torch.Tensor, gain) -> torch.Tensor:
+    return F.linear(x, weight(w, gain, 1e-4, x.dtype))
+
+
+def _gain_ok(gain) -> bool:
+    return not isinstance(gain, torch.Tensor) or gain.dtype in C.DTYPES
+
+
+def supports(w, gain, eps) -> bool:
+    return C.supported_dtype(w) and _gain_ok(gain)
+
+
+def supports_conv(x, w, gain) -> bool:
+    return C.supported_dtype(x, w) and _gain_ok(gain)
