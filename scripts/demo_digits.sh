@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README demo: a class-conditional EDM2 model of the built-in handwritten digits (scikit-learn,
-# 16x16, no download), trained on the CPU in about 5 minutes on 2 idle cores; then the post-hoc EMA
-# sweep (the paper's EMA-length experiment in miniature), a grid of samples and their scores.
+# 16x16, no download), trained on the CPU; then the post-hoc EMA sweep (the paper's EMA-length
+# experiment in miniature), a grid of samples and their scores.
 #
 #   scripts/demo_digits.sh [OUTDIR]          (default: runs/digits-demo)
 #

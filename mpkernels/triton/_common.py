@@ -16,19 +16,11 @@ import os
 from typing import Callable, Iterable
 
 import torch
-import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-MP_SILU_SCALE = 0.596  # std of silu(z), z ~ N(0, 1) (spec §1)
-
-
-def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b

@@ -89,10 +89,11 @@ def _coefs(na: int, nb: int, t: float) -> tuple[float, float]:
 
 
 def mp_cat_forward(a2, b2, ca: float, cb: float):
+    a2, b2 = a2.contiguous(), b2.contiguous()  # no-ops on the views mp_cat builds
     M, Ka = a2.shape
     Kb = b2.shape[1]
     out = torch.empty((M, Ka + Kb), dtype=a2.dtype, device=a2.device)
-    _launch(a2, out, b2, out[:, Ka:] if M else out, M, Ka, Kb, Ka, Ka + Kb, Kb, Ka + Kb, ca, cb)
+    _launch(a2, out, b2, out[:, Ka:], M, Ka, Kb, Ka, Ka + Kb, Kb, Ka + Kb, ca, cb)
     return out
 
 
@@ -111,7 +112,8 @@ _fwd_op = kernel_op("triton_mp_cat", "(Tensor a, Tensor b, float ca, float cb) -
                     fake=lambda a, b, ca, cb: a.new_empty((a.shape[0], a.shape[1] + b.shape[1])))
 _bwd_op = kernel_op("triton_mp_cat_backward", "(Tensor g, int ka, float ca, float cb) -> (Tensor, Tensor)",
                     impl=mp_cat_backward,
-                    fake=lambda g, ka, ca, cb: (g.new_empty((g.shape[0], ka)), g.new_empty((g.shape[0], g.shape[1] - ka))))
+                    fake=lambda g, ka, ca, cb: (g.new_empty((g.shape[0], ka)),
+                                                g.new_empty((g.shape[0], g.shape[1] - ka))))
 
 
 def _setup(ctx, inputs, output):
@@ -139,8 +141,7 @@ def mp_cat(a, b, dim: int, t: float):
     p = order.index(dim)
     M = math.prod(ap.shape[:p])
     ca, cb = _coefs(a.shape[dim], b.shape[dim], t)
-    out2 = _fwd_op(ap.reshape(M, -1) if M else ap.reshape(0, math.prod(ap.shape[p:])),
-                   bp.reshape(M, -1) if M else bp.reshape(0, math.prod(bp.shape[p:])), ca, cb)
+    out2 = _fwd_op(ap.reshape(M, -1), bp.reshape(M, -1), ca, cb)
     shp = list(ap.shape)
     shp[p] = a.shape[dim] + b.shape[dim]
     inv = [order.index(d) for d in range(a.ndim)]

@@ -82,18 +82,32 @@ with_backward(_fwd_gain_op, _bwd_gain_op, num_outputs=1, saved_inputs=(0, 1), sa
               nontensor_args=(2, 3), grads_for=(0, 1))
 
 
+def _rows(w: torch.Tensor):
+    """``w`` as a contiguous ``[out, fan_in]`` matrix by views alone when each output row is one
+    contiguous block of memory (NCHW or channels_last weights alike; the order inside a row does
+    not matter to a per-row norm), plus the function that maps a result back to ``w``'s layout."""
+    order = C.memory_order(w) if C.is_dense(w) else None
+    if order is None or order[0] != 0:
+        order = list(range(w.ndim))
+        wp = w.contiguous()
+    else:
+        wp = w.permute(order)
+    inverse = [order.index(d) for d in range(w.ndim)]
+    shape = wp.shape
+    return wp.reshape(shape[0], -1), lambda y2: y2.reshape(shape).permute(inverse)
+
+
 def weight(w: torch.Tensor, gain, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """``normalize(w) * gain / sqrt(fan_in)`` cast to ``dtype``, differentiable in ``w`` and a tensor gain."""
-    shape = w.shape
-    w2 = w.float().reshape(shape[0], -1)
-    if not w2.is_contiguous():
-        w2 = w2.contiguous()
+    """``normalize(w) * gain / sqrt(fan_in)`` cast to ``dtype``, differentiable in ``w`` and a tensor gain.
+
+    The result has ``w``'s memory layout (a channels_last weight gives a channels_last one)."""
+    w2, back = _rows(w.float())
     s = 1.0 / math.sqrt(w2.shape[1])
     if isinstance(gain, torch.Tensor):
         y, _ = _fwd_gain_op(w2, gain.float().reshape(()), s, eps, dtype)
     else:
         y, _ = _fwd_op(w2, float(gain) * s, eps, dtype)
-    return y.reshape(shape)
+    return back(y)
 
 
 def mp_weight(w: torch.Tensor, gain, eps: float) -> torch.Tensor:

@@ -12,8 +12,9 @@ pointer casts, which also makes the same code run under the Triton interpreter.
 
 The tables are built on the host (vectorized) and cached per set of tensors, so a trainer
 that calls these every step with the same parameters pays for one small host-to-device copy
-once. Tensors that are not contiguous (rare for parameters) are handled one by one with the
-reference formula.
+once. Rows must be contiguous blocks of memory (contiguous and channels_last weights both are) and
+an EMA tensor must share its source's dense layout; other tensors (rare for parameters) are
+handled one by one with the reference formula.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common as C
 from .. import reference
+from .._library import NAMESPACE
+from . import _common as C
 
 
 @triton.jit
@@ -106,6 +108,12 @@ def _cached(key, build):
     return t
 
 
+def _rows_are_blocks(w: torch.Tensor) -> bool:
+    """Each output row ``w[i]`` is one contiguous block of memory, rows one after another
+    (contiguous and channels_last weights alike: normalization ignores the order inside a row)."""
+    return C.is_dense(w) and (w.shape[0] == 1 or w.stride(0) * w.shape[0] == w.numel())
+
+
 def _elem_offset(t: torch.Tensor, base: torch.Tensor) -> int:
     diff = t.data_ptr() - base.data_ptr()
     assert diff % t.element_size() == 0
@@ -137,21 +145,10 @@ def _key(*lists):
     return tuple((t.data_ptr(), tuple(t.shape), t.dtype, str(t.device)) for ts in lists for t in ts)
 
 
-def _touch(ts):
-    """Tell autograd the tensors changed in place (as ``copy_`` would), so stale saved tensors are caught."""
-    bump = getattr(torch.autograd.graph, "increment_version", None)
-    if bump is not None:
-        for t in ts:
-            bump(t)
-
-
-# --- public entry points --------------------------------------------------------------------
-
-@torch.no_grad()
-def force_normalize_(tensors: list[torch.Tensor], eps: float) -> None:
+def _force_normalize_impl(tensors: list[torch.Tensor], eps: float) -> None:
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
     for w in tensors:
-        if w.is_contiguous():
+        if _rows_are_blocks(w):
             groups.setdefault(w.dtype, []).append(w)
         else:
             reference.force_normalize_([w], eps)
@@ -159,14 +156,12 @@ def force_normalize_(tensors: list[torch.Tensor], eps: float) -> None:
         table = _cached(("rows",) + _key(ws), lambda: _row_table(ws))
         n_rows = table.shape[0]
         C.launch(_fn_config(dtype), (C.cdiv(n_rows, FN_ROWS),), ws[0], table, n_rows, float(eps))
-        _touch(ws)
 
 
-@torch.no_grad()
-def ema_lerp_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], weight: float) -> None:
+def _ema_lerp_impl(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], weight: float) -> None:
     groups: dict[tuple, tuple[list, list]] = {}
     for e, t in zip(ema_tensors, tensors):
-        if e.is_contiguous() and t.is_contiguous():
+        if C.is_dense(e) and C.same_layout(e, t):
             es, ts = groups.setdefault((e.dtype, t.dtype), ([], []))
             es.append(e)
             ts.append(t)
@@ -175,7 +170,30 @@ def ema_lerp_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], weig
     for (ed, td), (es, ts) in groups.items():
         table = _cached(("chunks",) + _key(es, ts), lambda: _chunk_table(es, ts))
         C.launch(_ema_config(ed, td), (table.shape[0],), es[0], ts[0], table, float(weight))
-        _touch(es)
+
+
+# Custom ops that declare what they mutate: autograd bumps the version counters (as copy_ would),
+# and on the meta device (launch accounting, tracing) they are no-ops with the right signature.
+_force_normalize_op = torch.library.custom_op(
+    f"{NAMESPACE}::triton_force_normalize_", _force_normalize_impl, mutates_args=("tensors",),
+    schema="(Tensor(a!)[] tensors, float eps) -> ()")
+_force_normalize_op.register_fake(lambda tensors, eps: None)
+_ema_lerp_op = torch.library.custom_op(
+    f"{NAMESPACE}::triton_ema_lerp_", _ema_lerp_impl, mutates_args=("ema_tensors",),
+    schema="(Tensor(a!)[] ema_tensors, Tensor[] tensors, float weight) -> ()")
+_ema_lerp_op.register_fake(lambda ema_tensors, tensors, weight: None)
+
+
+# --- public entry points --------------------------------------------------------------------
+
+@torch.no_grad()
+def force_normalize_(tensors: list[torch.Tensor], eps: float) -> None:
+    _force_normalize_op(list(tensors), float(eps))
+
+
+@torch.no_grad()
+def ema_lerp_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], weight: float) -> None:
+    _ema_lerp_op(list(ema_tensors), list(tensors), float(weight))
 
 
 def supports_force_normalize(tensors, eps) -> bool:

@@ -238,7 +238,7 @@ def normalize_forward(x3: torch.Tensor, eps: float, silu: bool = False, *, out_d
 
     Returns ``(y, s or None, inv)``; ``inv`` is fp32 ``[outer, 1, inner]``.
     """
-    assert x3.ndim == 3 and x3.is_contiguous()
+    x3 = x3.contiguous()  # no-op on the views the public entry points build
     outer, R, inner = x3.shape
     r_contig = inner == 1
     y = torch.empty(x3.shape, dtype=out_dtype or x3.dtype, device=x3.device)
@@ -255,6 +255,7 @@ def normalize_forward(x3: torch.Tensor, eps: float, silu: bool = False, *, out_d
 def normalize_backward(g: torch.Tensor, gs: torch.Tensor | None, x3: torch.Tensor, inv: torch.Tensor, eps: float,
                        *, scale: float = 1.0, gain: torch.Tensor | None = None, blocks=None):
     """Launch the backward kernel; returns ``(dx, dgain_rows or None)`` (``dx`` in ``x3.dtype``)."""
+    x3 = x3.contiguous()
     outer, R, inner = x3.shape
     r_contig = inner == 1
     g = g.contiguous()
@@ -280,22 +281,22 @@ def _inv_fake(x3):
 _normalize_op = kernel_op(
     "triton_normalize", "(Tensor x, float eps) -> (Tensor, Tensor)",
     impl=lambda x, eps: (lambda y, s, inv: (y, inv))(*normalize_forward(x, eps)),
-    fake=lambda x, eps: (torch.empty_like(x), _inv_fake(x)))
+    fake=lambda x, eps: (x.new_empty(x.shape), _inv_fake(x)))
 _normalize_bwd_op = kernel_op(
     "triton_normalize_backward", "(Tensor g, Tensor x, Tensor inv, float eps) -> Tensor",
     impl=lambda g, x, inv, eps: normalize_backward(g, None, x, inv, eps)[0],
-    fake=lambda g, x, inv, eps: torch.empty_like(x))
+    fake=lambda g, x, inv, eps: x.new_empty(x.shape))
 with_backward(_normalize_op, _normalize_bwd_op, num_outputs=1, saved_inputs=(0,), saved_outputs=(1,),
               nontensor_args=(1,), grads_for=(0,))
 
 _pn_silu_op = kernel_op(
     "triton_pixel_norm_mp_silu", "(Tensor x, float eps) -> (Tensor, Tensor, Tensor)",
     impl=lambda x, eps: normalize_forward(x, eps, silu=True),
-    fake=lambda x, eps: (torch.empty_like(x), torch.empty_like(x), _inv_fake(x)))
+    fake=lambda x, eps: (x.new_empty(x.shape), x.new_empty(x.shape), _inv_fake(x)))
 _pn_silu_bwd_op = kernel_op(
     "triton_pixel_norm_mp_silu_backward", "(Tensor g, Tensor gs, Tensor x, Tensor inv, float eps) -> Tensor",
     impl=lambda g, gs, x, inv, eps: normalize_backward(g, gs, x, inv, eps)[0],
-    fake=lambda g, gs, x, inv, eps: torch.empty_like(x))
+    fake=lambda g, gs, x, inv, eps: x.new_empty(x.shape))
 with_backward(_pn_silu_op, _pn_silu_bwd_op, num_outputs=2, saved_inputs=(0,), saved_outputs=(2,),
               nontensor_args=(1,), grads_for=(0,))
 

@@ -77,7 +77,7 @@ def _layout(t: torch.Tensor) -> bool:
     return not t.is_contiguous()
 
 
-def _run(src, big_shape_ref, down: bool, scale: float, cl: bool):
+def _run(src, down: bool, scale: float, cl: bool):
     """Launch over the low-resolution tensor; ``src`` and the new tensor share the layout ``cl``."""
     n, c, h, w = src.shape
     small_shape = (n, c, h // 2, w // 2) if down else (n, c, h, w)
@@ -86,8 +86,6 @@ def _run(src, big_shape_ref, down: bool, scale: float, cl: bool):
     dst = torch.empty(dst_shape, dtype=src.dtype, device=src.device, memory_format=fmt)
     sn, sc, sh, sw = small_shape
     n_small = sn * sc * sh * sw
-    if n_small >= 2 ** 31:
-        raise ValueError(f"x: too large for the Triton resample kernel ({n_small} output elements)")
     C.launch(_config(src.dtype, cl, down), (C.cdiv(n_small, BLOCK),), src, dst, n_small, sw, sc if cl else 1,
              float(scale))
     return dst
@@ -106,14 +104,14 @@ def _fake(x, down):
 
 
 _down_op = kernel_op("triton_resample_down", "(Tensor x) -> Tensor",
-                     impl=lambda x: _run(x, None, True, 0.25, _layout(x)), fake=lambda x: _fake(x, True))
+                     impl=lambda x: _run(x, True, 0.25, _layout(x)), fake=lambda x: _fake(x, True))
 _down_bwd_op = kernel_op("triton_resample_down_backward", "(Tensor g, bool cl) -> Tensor",
-                         impl=lambda g, cl: _run(_canon(g, cl), None, False, 0.25, cl),
+                         impl=lambda g, cl: _run(_canon(g, cl), False, 0.25, cl),
                          fake=lambda g, cl: _fake(_canon(g, cl), False))
 _up_op = kernel_op("triton_resample_up", "(Tensor x) -> Tensor",
-                   impl=lambda x: _run(x, None, False, 1.0, _layout(x)), fake=lambda x: _fake(x, False))
+                   impl=lambda x: _run(x, False, 1.0, _layout(x)), fake=lambda x: _fake(x, False))
 _up_bwd_op = kernel_op("triton_resample_up_backward", "(Tensor g, bool cl) -> Tensor",
-                       impl=lambda g, cl: _run(_canon(g, cl), None, True, 1.0, cl),
+                       impl=lambda g, cl: _run(_canon(g, cl), True, 1.0, cl),
                        fake=lambda g, cl: _fake(_canon(g, cl), True))
 
 
@@ -140,4 +138,5 @@ def resample(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def supports(x, mode) -> bool:
-    return C.supported_dtype(x)
+    # Element indices are 32-bit in the kernel (integer division is much cheaper than in 64 bits).
+    return C.supported_dtype(x) and x.numel() * (4 if mode == "up" else 1) < 2 ** 31
