@@ -142,7 +142,7 @@ class Dataset(torch.utils.data.Dataset):
         x = self._load(raw)
         if idx >= n:  # the mirrored copy
             x = x[:, :, ::-1]
-        return np.ascontiguousarray(x), self.get_label(raw)
+        return np.array(x), self.get_label(raw)  # a writable copy (torch warns on read-only arrays)
 
     def get_label(self, raw_index: int) -> np.ndarray:
         if self._labels is None:

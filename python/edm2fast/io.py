@@ -92,6 +92,10 @@ def atomic_path(path) -> Iterator[str]:
     try:
         yield tmp
         _fsync_path(tmp)
+        # Writers that replace the file themselves (safetensors) leave 0600: restore the umask default.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
