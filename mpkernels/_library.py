@@ -62,14 +62,25 @@ def with_backward(fwd, bwd, *, num_outputs: int = 1, saved_inputs: Sequence[int]
         ctx.save_for_backward(*[inputs[i] for i in saved_inputs], *[outs[i] for i in saved_outputs])
         ctx.nontensor = tuple(inputs[i] for i in nontensor_args)
         ctx.num_inputs = len(inputs)
+        # Metadata of the visible outputs, to make zeros only for a visible output that got no
+        # gradient; saved statistics never need one (no materialized zeros for them: no launches).
+        ctx.visible = [(o.shape, o.dtype, o.device) for o in outs[:num_outputs]]
+        ctx.set_materialize_grads(False)
         extra = [o for o in outs[num_outputs:] if isinstance(o, torch.Tensor)]
         if extra:
             ctx.mark_non_differentiable(*extra)
 
     def backward(ctx, *grads):
-        # Incoming gradients may be expanded views (e.g. from ``sum()``); kernels need dense memory.
-        grads = [g if is_dense(g) else g.contiguous() for g in grads[:num_outputs]]
-        res = bwd(*grads, *ctx.saved_tensors, *ctx.nontensor)
+        if all(g is None for g in grads[:num_outputs]):
+            return (None,) * ctx.num_inputs
+        dense = []
+        for g, (shape, dtype, device) in zip(grads[:num_outputs], ctx.visible):
+            if g is None:
+                g = torch.zeros(shape, dtype=dtype, device=device)
+            elif not is_dense(g):  # e.g. an expanded view from ``sum()``: kernels need dense memory
+                g = g.contiguous()
+            dense.append(g)
+        res = bwd(*dense, *ctx.saved_tensors, *ctx.nontensor)
         res = res if isinstance(res, (tuple, list)) else (res,)
         full: list[torch.Tensor | None] = [None] * ctx.num_inputs
         for i, g in zip(grads_for, res):

@@ -25,6 +25,7 @@ Head dims up to 128 (zero-padded to 64 or 128), any sequence length (masked tail
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -304,16 +305,19 @@ def _attn_config(kernel, name, d, cl, bd, fast, ptrs, floats):
                          num_warps=w, num_stages=s, variants=_variants(fast))
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _norms_config(d, cl, bd):
     return C.make_config(_attn_norms_kernel, ptrs=dict(qkv_ptr=d, inv_ptr="fp32"), floats=("eps", "rsqrt_d"),
                          constexprs=dict(CL=cl, BLOCK_D=bd, BLOCK_T=NORMS_BLOCK_T), num_warps=4, num_stages=1)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _fwd_config(d, cl, bd, fast):
     return _attn_config(_attn_fwd_kernel, "fwd", d, cl, bd, fast,
                         dict(qkv_ptr=d, inv_ptr="fp32", o_ptr=d, lse_ptr="fp32"), ("qk_scale",))
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _delta_config(d, cl, bd):
     return C.make_config(_attn_bwd_delta_kernel, ptrs=dict(o_ptr=d, do_ptr=d, delta_ptr="fp32"),
                          constexprs=dict(CL=cl, BLOCK_D=bd, BLOCK_M=DELTA_BLOCK_M), num_warps=4, num_stages=1)
@@ -326,10 +330,12 @@ def _bwd_ptrs(d):
     return dict(qkv_ptr=d, inv_ptr="fp32", do_ptr=d, lse_ptr="fp32", delta_ptr="fp32", dqkv_ptr=d)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _dkdv_config(d, cl, bd, fast):
     return _attn_config(_attn_bwd_dkdv_kernel, "dkdv", d, cl, bd, fast, _bwd_ptrs(d), _BWD_FLOATS)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _dq_config(d, cl, bd, fast):
     return _attn_config(_attn_bwd_dq_kernel, "dq", d, cl, bd, fast, _bwd_ptrs(d), _BWD_FLOATS)
 

@@ -14,6 +14,7 @@ that a second launch adds up. Saved for backward: ``y`` and ``c`` (both inputs).
 
 from __future__ import annotations
 
+import functools
 import torch
 import triton
 import triton.language as tl
@@ -126,12 +127,14 @@ def _tile(Q: int, c_on_cols: bool) -> tuple[int, int]:
     return TILE // bq, bq
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _fwd_config(d, c_on_cols, bq):
     return C.make_config(_modsilu_fwd_kernel, ptrs=dict(y_ptr=d, c_ptr="fp32", out_ptr=d),
                          constexprs=dict(C_ON_COLS=c_on_cols, BLOCK_P=TILE // bq, BLOCK_Q=bq),
                          num_warps=NUM_WARPS, num_stages=1)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _bwd_config(d, c_on_cols, bq):
     return C.make_config(_modsilu_bwd_kernel,
                          ptrs=dict(g_ptr=d, y_ptr=d, c_ptr="fp32", dy_ptr=d, dc_ptr="fp32"),
@@ -139,6 +142,7 @@ def _bwd_config(d, c_on_cols, bq):
                          num_warps=NUM_WARPS, num_stages=1)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _sum_config():
     return C.make_config(_sum_partials_kernel, ptrs=dict(part_ptr="fp32", out_ptr="fp32"),
                          constexprs=dict(BLOCK=SUM_BLOCK), num_warps=4, num_stages=1)

@@ -14,6 +14,7 @@ different row strides; the forward gathers ``a`` and ``b`` into ``out``, the bac
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,6 +57,7 @@ TILE = 2048  # 16 elements per thread
 BLOCK_KS = (16, 64, 256, 1024)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _config(d, block_k):
     return C.make_config(_mp_cat_kernel, ptrs=dict(src1_ptr=d, dst1_ptr=d, src2_ptr=d, dst2_ptr=d),
                          floats=("scale1", "scale2"), constexprs=dict(BLOCK_M=TILE // block_k, BLOCK_K=block_k),

@@ -8,6 +8,7 @@ program per block of rows looping over the channels. Saved: ``x``, ``freqs``, ``
 
 from __future__ import annotations
 
+import functools
 import torch
 import triton
 import triton.language as tl
@@ -57,11 +58,13 @@ BLOCK_N = 16
 BLOCK_C = 128
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _fwd_config(d):
     return C.make_config(_fourier_fwd_kernel, ptrs=dict(x_ptr=d, f_ptr="fp32", p_ptr="fp32", y_ptr=d),
                          constexprs=dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C), num_warps=4, num_stages=1)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _bwd_config(d):
     return C.make_config(_fourier_bwd_kernel, ptrs=dict(g_ptr=d, x_ptr=d, f_ptr="fp32", p_ptr="fp32", dx_ptr=d),
                          constexprs=dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C), num_warps=4, num_stages=1)

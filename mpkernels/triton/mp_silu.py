@@ -7,6 +7,7 @@ elements per thread. Saved for backward: ``x`` only (``dx = g * silu'(x) / 0.596
 
 from __future__ import annotations
 
+import functools
 import torch
 import triton
 import triton.language as tl
@@ -41,11 +42,13 @@ BLOCK = 2048
 NUM_WARPS = 4
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _fwd_config(d):
     return C.make_config(_mp_silu_fwd_kernel, ptrs=dict(x_ptr=d, y_ptr=d), constexprs=dict(BLOCK=BLOCK),
                          num_warps=NUM_WARPS, num_stages=1)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _bwd_config(d):
     return C.make_config(_mp_silu_bwd_kernel, ptrs=dict(g_ptr=d, x_ptr=d, dx_ptr=d), constexprs=dict(BLOCK=BLOCK),
                          num_warps=NUM_WARPS, num_stages=1)

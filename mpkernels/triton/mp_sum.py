@@ -13,6 +13,7 @@ saved pre-clip tensor.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,12 +58,14 @@ BLOCK = 2048
 NUM_WARPS = 4
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _fwd_config(d, clip):
     return C.make_config(_mp_sum_fwd_kernel, ptrs=dict(a_ptr=d, b_ptr=d, y_ptr=d, mask_ptr="u8"),
                          floats=("ca", "cb", "clip"), constexprs=dict(CLIP=clip, BLOCK=BLOCK),
                          num_warps=NUM_WARPS, num_stages=1)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _bwd_config(d, clip):
     return C.make_config(_mp_sum_bwd_kernel, ptrs=dict(g_ptr=d, mask_ptr="u8", da_ptr=d, db_ptr=d),
                          floats=("ca", "cb"), constexprs=dict(CLIP=clip, BLOCK=BLOCK),

@@ -19,6 +19,7 @@ handled one by one with the reference formula.
 
 from __future__ import annotations
 
+import functools
 import collections
 
 import torch
@@ -72,11 +73,13 @@ EMA_BLOCK = 2048
 EMA_CHUNK = 8 * EMA_BLOCK
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _fn_config(d):
     return C.make_config(_force_normalize_kernel, ptrs=dict(base_ptr=d, table_ptr="i64"), floats=("eps",),
                          constexprs=dict(ROWS=FN_ROWS, BLOCK_R=FN_BLOCK_R), num_warps=4, num_stages=1)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _ema_config(ed, td):
     return C.make_config(_ema_lerp_kernel, ptrs=dict(e_base=ed, t_base=td, table_ptr="i64"), floats=("weight",),
                          constexprs=dict(CHUNK=EMA_CHUNK, BLOCK=EMA_BLOCK), num_warps=4, num_stages=1)

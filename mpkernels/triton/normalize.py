@@ -19,6 +19,7 @@ gain read from memory, per-row partial gradients of that gain written in backwar
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -194,6 +195,7 @@ def _warps(block_r: int, block_i: int, bwd: bool) -> int:
     return max(4, min(16, block_r * block_i // (32 * _PER_THREAD[bwd])))
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _fwd_config(r_contig, silu, gain, one_pass, block_r, block_i, xd, yd):
     ptrs = dict(x_ptr=xd, y_ptr=yd, s_ptr=yd if silu else xd, inv_ptr="fp32", gain_ptr="fp32" if gain else xd)
     return C.make_config(_normalize_fwd_kernel, ptrs=ptrs, floats=("eps", "inv_sqrt_r", "scale"),
@@ -202,6 +204,7 @@ def _fwd_config(r_contig, silu, gain, one_pass, block_r, block_i, xd, yd):
                          num_warps=_warps(block_r, block_i, False), num_stages=1)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _bwd_config(r_contig, silu, gain, one_pass, block_r, block_i, xd, gd):
     ptrs = dict(g_ptr=gd, gs_ptr=gd if silu else gd, x_ptr=xd, inv_ptr="fp32", gain_ptr="fp32" if gain else xd,
                 dx_ptr=xd, dgain_ptr="fp32" if gain else xd)

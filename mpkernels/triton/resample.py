@@ -14,6 +14,7 @@ backward of 'down'). Nothing is saved for backward. ``'keep'`` returns ``x`` its
 
 from __future__ import annotations
 
+import functools
 import torch
 import triton
 import triton.language as tl
@@ -59,6 +60,7 @@ def _resample_kernel(src_ptr, dst_ptr, n_small, Ws, K, scale, CL: tl.constexpr, 
 BLOCK = 1024
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _config(d, cl, down):
     return C.make_config(_resample_kernel, ptrs=dict(src_ptr=d, dst_ptr=d), floats=("scale",),
                          constexprs=dict(CL=cl, DOWN=down, BLOCK=BLOCK), num_warps=4, num_stages=1)
