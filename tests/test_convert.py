@@ -59,13 +59,6 @@ def fake_modules(tmp_path_factory):
         sys.modules.pop(name, None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is several times faster than two on a busy 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def make_net(seed=0, **overrides):

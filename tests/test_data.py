@@ -14,13 +14,6 @@ from edm2fast.cli import UserError
 from edm2fast.commands import dataset as dataset_cmd
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is several times faster than two on a busy 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def write_png(path, array):

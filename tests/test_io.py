@@ -19,13 +19,6 @@ KW = dict(img_resolution=8, img_channels=2, label_dim=3, model_channels=8, chann
           attn_resolutions=[4], channels_per_head=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is several times faster than two on a busy 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def make_net(seed=0, **overrides):

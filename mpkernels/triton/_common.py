@@ -28,17 +28,7 @@ def cdiv(a: int, b: int) -> int:
 
 # --- layouts ---------------------------------------------------------------------------------
 
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill ``[data_ptr, data_ptr + numel)`` exactly."""
-    if t.numel() <= 1:
-        return True
-    pairs = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
-    expected = 1
-    for s, n in pairs:
-        if s != expected:
-            return False
-        expected *= n
-    return True
+from .._library import is_dense  # noqa: E402  (non-overlapping and dense: fills [data_ptr, data_ptr + numel))
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
