@@ -763,7 +763,17 @@ class Trainer:
 
     def close(self):
         if self._owns_process_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            # Drop the DDP reducer (it holds the process group and its threads) and let every rank
+            # arrive before tearing the group down: destroying it under a live reducer, or while the
+            # peer still talks, aborts the process ("terminate called without an active exception").
+            self._forward = self.net
+            self._ddp = None
+            import gc
+            gc.collect()
+            try:
+                torch.distributed.barrier()
+            finally:
+                torch.distributed.destroy_process_group()
             self._owns_process_group = False
 
 
