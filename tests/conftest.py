@@ -65,3 +65,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    """The ``mpkernels.cuda`` module with its extension loaded (built just in time if needed), else skip."""
+    import mpkernels.cuda as mc
+    if not mc.is_available():
+        try:
+            mc.build()
+        except mc.ExtensionBuildError as e:
+            pytest.skip(f"mpkernels extension unavailable: {e}")
+    return mc

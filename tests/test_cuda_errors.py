@@ -13,14 +13,8 @@ HAS_GPU = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
-def ext():
-    import mpkernels.cuda as mc
-    if not mc.is_available():
-        try:
-            mc.build()
-        except mc.ExtensionBuildError as e:
-            pytest.skip(f"mpkernels extension unavailable: {e}")
-    return mc._EXT
+def ext(cuda_backend):
+    return cuda_backend._EXT
 
 
 def x4(*shape, dtype=torch.float32, device="cpu"):

@@ -24,14 +24,8 @@ LAYOUTS = ["nchw", "channels_last", "sliced", "transposed"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ext():
-    import mpkernels.cuda as mc
-    if not mc.is_available():
-        try:
-            mc.build()
-        except mc.ExtensionBuildError as e:
-            pytest.skip(f"mpkernels extension unavailable: {e}")
-    return mc
+def ext(cuda_backend):
+    return cuda_backend
 
 
 def make(shape, dtype, layout="nchw", device="cpu", seed=0, scale=1.0):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..cli import UserError
-from .train import nonneg_float, positive_float, positive_int
+from .train import nonneg_float, nonneg_int, positive_float, positive_int
 
 DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
 
@@ -70,12 +70,9 @@ def class_arg(value: str):
     if value in ("random", "cycle"):
         return value
     try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a class index, 'random' or 'cycle', got {value!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"class index must be >= 0, got {value!r}")
-    return v
+        return nonneg_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a class index >= 0, 'random' or 'cycle', got {value!r}") from None
 
 
 def load_net(path: str, what: str = "net", device="cpu", dtype: str | None = None) -> torch.nn.Module:
