@@ -38,6 +38,7 @@ if sys.platform.startswith("linux"):
 extras = {
     "test": ["pytest", "pytest-benchmark", "hypothesis"],
     "train": ["tqdm", "matplotlib", "scikit-learn"],
+    "latent": ["diffusers>=0.20", "huggingface_hub"],  # sd-vae-ft-mse for the img512 models (edm2fast.vae)
 }
 extras["all"] = sorted({r for rs in extras.values() for r in rs} | {"ninja"})
 

@@ -8,9 +8,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
+#include "launch_shapes.h"
 #include "mp_kernels.h"
 #include "mp_math.h"
 
@@ -34,7 +36,7 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return
 // Elements per vectorised access: 16 bytes of a 16-bit type, two 16-byte accesses of fp32.
 constexpr int kUnit = 8;
 
-// Loads / stores kUnit consecutive elements; `p` must be 16-byte aligned.
+// Loads kUnit consecutive elements; `p` must be 16-byte aligned.
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float (&f)[kUnit]) {
   if constexpr (sizeof(T) == 4) {
@@ -50,18 +52,57 @@ __device__ __forceinline__ void load8(const T* p, float (&f)[kUnit]) {
   }
 }
 
+// Two floats rounded to a 16-bit type and packed in one 32-bit word, `a` in the low half (the
+// lower address): one cvt.rn.{f16,bf16}x2.f32 on sm_80+.
+__device__ __forceinline__ uint32_t pack2(__half, float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return static_cast<uint32_t>(__half_as_ushort(__low2half(h))) |
+         (static_cast<uint32_t>(__half_as_ushort(__high2half(h))) << 16);
+}
+__device__ __forceinline__ uint32_t pack2(__nv_bfloat16, float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__low2bfloat16(h))) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(__high2bfloat16(h))) << 16);
+}
+
+// kUnit elements as 16-byte words: two for fp32, one (packed pairs) for 16-bit types.
+template <typename T>
+__device__ __forceinline__ void pack8(const float (&f)[kUnit], uint4 (&w)[sizeof(T) / 2]) {
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      w[i] = make_uint4(__float_as_uint(f[4 * i]), __float_as_uint(f[4 * i + 1]), __float_as_uint(f[4 * i + 2]),
+                        __float_as_uint(f[4 * i + 3]));
+  } else {
+    w[0] = make_uint4(pack2(T(), f[0], f[1]), pack2(T(), f[2], f[3]), pack2(T(), f[4], f[5]), pack2(T(), f[6], f[7]));
+  }
+}
+
+// One 16-byte store to global memory (STG.E.128). Written in PTX because a plain uint4 store is
+// split by nvcc into 32-bit pieces and only sometimes merged again: nvcc 13 left four STG.E in
+// the sm_90 code of the modulated and NCHW pixel-norm kernels. "memory": ordered like a C++ store.
+__device__ __forceinline__ void store_global_16B(void* p, const uint4& w) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p)), "r"(w.x), "r"(w.y),
+               "r"(w.z), "r"(w.w)
+               : "memory");
+}
+
+// Stores kUnit consecutive elements to global memory; `p` must be 16-byte aligned.
 template <typename T>
 __device__ __forceinline__ void store8(T* p, const float (&f)[kUnit]) {
-  if constexpr (sizeof(T) == 4) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
-  } else {
-    uint4 u;
-    T* h = reinterpret_cast<T*>(&u);
+  uint4 w[sizeof(T) / 2];
+  pack8<T>(f, w);
 #pragma unroll
-    for (int i = 0; i < kUnit; ++i) h[i] = from_f<T>(f[i]);
-    *reinterpret_cast<uint4*>(p) = u;
-  }
+  for (int i = 0; i < static_cast<int>(sizeof(T) / 2); ++i) store_global_16B(reinterpret_cast<uint4*>(p) + i, w[i]);
+}
+
+// The same to shared memory (STS.128 as plain C++ stores).
+template <typename T>
+__device__ __forceinline__ void store8_shared(T* p, const float (&f)[kUnit]) {
+  uint4 w[sizeof(T) / 2];
+  pack8<T>(f, w);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(T) / 2); ++i) reinterpret_cast<uint4*>(p)[i] = w[i];
 }
 
 // U consecutive elements: one vector access when U == kUnit, a scalar one when U == 1.
@@ -79,6 +120,16 @@ template <typename T, int U>
 __device__ __forceinline__ void store_u(T* p, const float (&f)[U]) {
   if constexpr (U == kUnit) {
     store8(p, f);
+  } else {
+#pragma unroll
+    for (int i = 0; i < U; ++i) p[i] = from_f<T>(f[i]);
+  }
+}
+
+template <typename T, int U>
+__device__ __forceinline__ void store_u_shared(T* p, const float (&f)[U]) {
+  if constexpr (U == kUnit) {
+    store8_shared(p, f);
   } else {
 #pragma unroll
     for (int i = 0; i < U; ++i) p[i] = from_f<T>(f[i]);
@@ -132,10 +183,48 @@ inline void check(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("mpkernels CUDA kernel ") + what + " failed: " + cudaGetErrorString(err));
 }
 
-// Grid for `work` items at `threads` per block; kernels loop (grid-stride) past the cap.
-inline unsigned grid_for(int64_t work, int threads) {
-  const int64_t blocks = (work + threads - 1) / threads;
-  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(blocks, 1), int64_t(1) << 20));
+using launch::grid_for;  // capped grid: kernels launched with it loop (grid-stride)
+
+// What the launchers need to know about a device, queried once per device (thread-safe), not per
+// call: a device query costs microseconds, more than a small kernel.
+struct DeviceInfo {
+  int sm_count = 0;
+  int64_t smem_budget = 0;  // dynamic shared memory one block may take: <= optin, two blocks per SM
+};
+
+constexpr int kMaxDevices = 64;
+
+inline const DeviceInfo& device_info(int dev) {
+  static DeviceInfo info[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  if (dev < 0 || dev >= kMaxDevices) throw std::runtime_error("mpkernels: device index out of range");
+  std::call_once(once[dev], [dev]() {
+    int sms = 0, optin = 0, per_sm = 0;
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "device query");
+    check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "device query");
+    check(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev), "device query");
+    info[dev].sm_count = sms;
+    info[dev].smem_budget = std::min<int64_t>(optin, per_sm / 2 - 2048);
+  });
+  return info[dev];
+}
+
+inline int current_device() {
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  return dev;
+}
+
+// Raises `kernel`'s dynamic shared memory limit to `bytes` once per device (`once`: a static of the
+// caller, one per kernel). Call it with the largest size any launch of `kernel` may use (the
+// device's budget): the attribute is then never changed again, so host threads cannot race on it.
+template <typename Kernel>
+void allow_dynamic_smem_once(Kernel kernel, int dev, int64_t bytes, std::once_flag (&once)[kMaxDevices]) {
+  if (bytes <= 48 * 1024) return;
+  std::call_once(once[dev], [&]() {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+          "cudaFuncSetAttribute (shared memory)");
+  });
 }
 
 }  // namespace detail

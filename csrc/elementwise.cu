@@ -40,7 +40,7 @@ struct MpSumClipFwdOp {  // in: a, b
 struct MpSumClipBwdOp {  // in: grad, a, b -> grad_a, grad_b
   float t, scale, clip, wa, wb;
   __device__ void operator()(const float* in, float* out) const {
-    const float gm = in[0] * clip_mask_f(lerp_f(in[1], in[2], t) * scale, clip);
+    const float gm = clip_grad_f(in[0], lerp_f(in[1], in[2], t) * scale, clip);
     out[0] = gm * wa;
     out[1] = gm * wb;
   }
@@ -132,33 +132,52 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// NCHW backward: one block per (n, ch) row; the reduction over its L pixels gives gc[n, ch].
-constexpr int kRowThreads = 128;
+// NCHW backward: each (n, ch) row of L pixels is handled by RT threads (8, 32 or 128, see
+// launch::plan_modulated_rows) of a 128-thread block; their sum gives gc[n, ch]. Short rows share
+// a block (8x8: 8 accesses per row, 16 rows per block) instead of idling 120 of 128 threads.
+constexpr int kRowThreads = launch::kModulatedRowBlock;
 
-template <typename T, int U>
+// Sum over the RT consecutive threads of a row group; all 128 threads take part.
+template <int RT>
+__device__ __forceinline__ float row_group_sum(float v) {
+  if constexpr (RT == kRowThreads) {
+    return block_sum<kRowThreads>(v);
+  } else {
+#pragma unroll
+    for (int o = RT / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+  }
+}
+
+template <typename T, int U, int RT>
 __global__ void __launch_bounds__(kRowThreads)
     modulated_bwd_rows_kernel(NCL s, const T* __restrict__ g, const T* __restrict__ y, const void* __restrict__ c,
                               DType cdt, int64_t csN, int64_t csC, T* __restrict__ gy, void* __restrict__ gc,
                               int64_t gcsN, int64_t gcsC) {
-  const int64_t row = blockIdx.x;
-  const int64_t n = row / s.C, ch = row - n * s.C;
+  constexpr int kRows = kRowThreads / RT;
+  const int lane = threadIdx.x % RT;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.x / RT;
+  const bool active = row < s.N * s.C;  // inactive threads still join the reductions
+  const int64_t n = active ? row / s.C : 0, ch = active ? row - n * s.C : 0;
   const int64_t off = n * s.sN + ch * s.sC;
-  const float sc = load_any(c, cdt, n * csN + ch * csC);
   float acc = 0.0f;
-  for (int64_t j = static_cast<int64_t>(threadIdx.x) * U; j < s.L; j += kRowThreads * U) {
-    float gv[U], yv[U], out[U];
-    load_u<T, U>(g + off + j, gv);
-    load_u<T, U>(y + off + j, yv);
+  if (active) {
+    const float sc = load_any(c, cdt, n * csN + ch * csC);
+    for (int64_t j = static_cast<int64_t>(lane) * U; j < s.L; j += RT * U) {
+      float gv[U], yv[U], out[U];
+      load_u<T, U>(g + off + j, gv);
+      load_u<T, U>(y + off + j, yv);
 #pragma unroll
-    for (int k = 0; k < U; ++k) {
-      const float gs = gv[k] * mp_silu_grad_f(yv[k] * sc);
-      out[k] = gs * sc;
-      acc += gs * yv[k];
+      for (int k = 0; k < U; ++k) {
+        const float gs = gv[k] * mp_silu_grad_f(yv[k] * sc);
+        out[k] = gs * sc;
+        acc += gs * yv[k];
+      }
+      store_u<T, U>(gy + off + j, out);
     }
-    store_u<T, U>(gy + off + j, out);
   }
-  acc = block_sum<kRowThreads>(acc);
-  if (threadIdx.x == 0) store_any(gc, cdt, n * gcsN + ch * gcsC, acc);
+  acc = row_group_sum<RT>(acc);
+  if (active && lane == 0) store_any(gc, cdt, n * gcsN + ch * gcsC, acc);
 }
 
 // channels_last backward: block (32 x 8) = 32 channel units x 8 pixel rows over a chunk of
@@ -212,14 +231,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void modulated_gc_sum_kernel(const float* __restrict__ ws, int64_t N, int64_t chunks, int64_t C,
-                                        void* __restrict__ gc, DType cdt, int64_t gcsN, int64_t gcsC) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= N * C) return;
-  const int64_t n = i / C, ch = i - n * C;
-  float tot = 0.0f;
-  for (int64_t k = 0; k < chunks; ++k) tot += ws[(n * chunks + k) * C + ch];
-  store_any(gc, cdt, n * gcsN + ch * gcsC, tot);
+// Launched with grid_for (capped): a grid-stride loop covers every (n, ch).
+__global__ void __launch_bounds__(kThreads)
+    modulated_gc_sum_kernel(const float* __restrict__ ws, int64_t N, int64_t chunks, int64_t C,
+                            void* __restrict__ gc, DType cdt, int64_t gcsN, int64_t gcsC) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N * C; i += stride) {
+    const int64_t n = i / C, ch = i - n * C;
+    float tot = 0.0f;
+    for (int64_t k = 0; k < chunks; ++k) tot += ws[(n * chunks + k) * C + ch];
+    store_any(gc, cdt, n * gcsN + ch * gcsC, tot);
+  }
 }
 
 // Vector access along a row needs the row length and every row start to be multiples of kUnit
@@ -291,17 +313,23 @@ void modulated_mp_silu_bwd(DType dt, const NCL& s, const void* g, const void* y,
   const bool clast = s.sC == 1;
   const bool vec = rows_vectorizable(s, clast, {g, y, gy});
   if (!clast) {
+    const launch::ModulatedRowsPlan plan = launch::plan_modulated_rows(s.N, s.C, s.L, vec ? kUnit : 1);
+    const unsigned grid = static_cast<unsigned>(plan.blocks);
     MPK_CUDA_DISPATCH(dt, T, {
       const T* gp = static_cast<const T*>(g);
       const T* yp = static_cast<const T*>(y);
       T* gyp = static_cast<T*>(gy);
-      const unsigned grid = static_cast<unsigned>(s.N * s.C);
-      if (vec)
-        modulated_bwd_rows_kernel<T, kUnit><<<grid, kRowThreads, 0, stream>>>(s, gp, yp, c, cdt, csN, csC, gyp, gc,
-                                                                              gcsN, gcsC);
-      else
-        modulated_bwd_rows_kernel<T, 1><<<grid, kRowThreads, 0, stream>>>(s, gp, yp, c, cdt, csN, csC, gyp, gc,
-                                                                          gcsN, gcsC);
+#define MPK_ROWS_LAUNCH(U, RT) \
+  modulated_bwd_rows_kernel<T, U, RT><<<grid, kRowThreads, 0, stream>>>(s, gp, yp, c, cdt, csN, csC, gyp, gc, gcsN, gcsC)
+      switch (plan.row_threads * (vec ? 1 : -1)) {
+        case 8: MPK_ROWS_LAUNCH(kUnit, 8); break;
+        case 32: MPK_ROWS_LAUNCH(kUnit, 32); break;
+        case kRowThreads: MPK_ROWS_LAUNCH(kUnit, kRowThreads); break;
+        case -8: MPK_ROWS_LAUNCH(1, 8); break;
+        case -32: MPK_ROWS_LAUNCH(1, 32); break;
+        default: MPK_ROWS_LAUNCH(1, kRowThreads);
+      }
+#undef MPK_ROWS_LAUNCH
     });
     MPK_CHECK_LAUNCH("modulated_mp_silu_bwd");
     return;

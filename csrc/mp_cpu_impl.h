@@ -79,7 +79,7 @@ void mp_sum_clip_bwd_t(int64_t n, const T* g, const T* a, const T* b, T* ga, T* 
   at::parallel_for(0, n, kGrain, [&](int64_t s, int64_t e) {
     for (int64_t i = s; i < e; ++i) {
       float pre = lerp_f(to_f(a[i]), to_f(b[i]), t) * scale;
-      float gm = to_f(g[i]) * clip_mask_f(pre, clip);
+      float gm = clip_grad_f(to_f(g[i]), pre, clip);
       ga[i] = from_f<T>(gm * wa);
       gb[i] = from_f<T>(gm * wb);
     }

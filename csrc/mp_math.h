@@ -22,12 +22,14 @@ constexpr float kInvMpSiluScale = 1.0f / 0.596f;
 // exp for the CPU twin, written so that GCC vectorises a loop around it with plain SSE2
 // (no libm call): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-6 Taylor
 // polynomial for e^r (relative error < 2e-7), 2^k assembled in the exponent bits.
-// Inputs are clamped to [-87, 88], so the result is always finite and normal.
+// The polynomial sees x clamped to [-87, 88] (2^k stays a normal number); past ln(FLT_MAX) the
+// result is +inf like expf, so that sigmoid(-inf) = 0 and silu(-inf) = -inf * 0 = NaN as in
+// PyTorch. NaN in, NaN out (comparisons with NaN are false: the clamp keeps it).
 inline float host_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float shifter = 12582912.0f;                  // 1.5 * 2^23: adding it rounds to an integer
-  float k = (x * 1.44269504088896341f + shifter) - shifter;
-  float r = x - k * 0.693145751953125f;               // ln2 split in a high part exact in fp32 ...
+  float k = (xc * 1.44269504088896341f + shifter) - shifter;
+  float r = xc - k * 0.693145751953125f;              // ln2 split in a high part exact in fp32 ...
   r = r - k * 1.428606765330187e-06f;                 // ... and the remainder
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -36,10 +38,11 @@ inline float host_exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  // k of a NaN is NaN: convert k only where it is a number (the cast of NaN is undefined).
+  int32_t bits = (static_cast<int32_t>(k == k ? k : 0.0f) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return x > 88.72283935546875f ? HUGE_VALF : p * scale;
 }
 #endif
 
@@ -71,15 +74,33 @@ MPK_HD float inv_denom(float rms, float eps) { return 1.0f / (eps + rms); }
 // Backward of y = x * r(x) with r = 1/(eps + rms):  dx = g * r - coef * x * sum(g * x),
 // coef = r^2 / (K * rms). A zero row has no defined direction: PyTorch's norm backward gives
 // 0 there, and so does this (coef = 0).
+// The test is `rms == 0`, not `rms > 0`: a NaN statistic must give a NaN gradient, as in PyTorch.
 MPK_HD float norm_grad_coef(float r, float rms, float inv_k) {
-  return rms > 0.0f ? r * r * inv_k / rms : 0.0f;
+  return rms == 0.0f ? 0.0f : r * r * inv_k / rms;
 }
 
-// clamp(x, -c, c) that keeps NaN (like torch.clamp), and its gradient mask: torch.clamp's
-// backward passes the gradient where -c <= x <= c (so not at NaN). Written without branches
-// (bitwise &) so that CPU loops vectorise; c = inf never clips.
-MPK_HD float clip_f(float x, float c) { return x < -c ? -c : (x > c ? c : x); }
-MPK_HD float clip_mask_f(float x, float c) { return static_cast<float>((x >= -c) & (x <= c)); }
+// clamp(x, -c, c) that keeps NaN, like torch.clamp. Never fminf / fmaxf (nor min.f32 / max.f32 on
+// the GPU): they return the non-NaN operand, which would turn a NaN into -c. On sm_80+ one
+// max.NaN + min.NaN (FMNMX.NAN); elsewhere compare-and-select, where NaN fails both tests.
+// c = inf never clips.
+MPK_HD float clip_f(float x, float c) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(x), "f"(-c));
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(y), "f"(c));
+  return y;
+#else
+  return x < -c ? -c : (x > c ? c : x);
+#endif
+}
+
+// Gradient through clip_f, as torch.clamp's backward: where(-c <= x <= c, g, 0). A select, not
+// g * mask: a NaN or inf gradient at a clipped (or NaN) x gives 0, not NaN. c = inf means no clip
+// at all (plain mp_sum): the gradient passes everywhere, at NaN x too, as without a clamp.
+MPK_HD float clip_grad_f(float g, float x, float c) {
+  const bool pass = (c == HUGE_VALF) | ((x >= -c) & (x <= c));
+  return pass ? g : 0.0f;
+}
 
 // torch.lerp's formula (exact at w = 0 and w = 1): a + w (b - a), or b - (b - a)(1 - w) for w >= 1/2.
 MPK_HD float lerp_f(float a, float b, float w) {

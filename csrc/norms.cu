@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
       load_u<T, U>(xb + c * s.sC, v);
 #pragma unroll
       for (int k = 0; k < U; ++k) acc[k] += v[k] * v[k];
-      if (cache) store_u<T, U>(tile + c * TW + px * U, v);
+      if (cache) store_u_shared<T, U>(tile + c * TW + px * U, v);
     }
   }
 #pragma unroll

@@ -111,3 +111,85 @@ def tensor_list(ts, name: str) -> list[torch.Tensor]:
     for i, t in enumerate(ts):
         tensor(t, f"{name}[{i}]", allow_empty=True)
     return ts
+
+
+def lerp_weight(w, name: str = "weight", device: torch.device | None = None):
+    """Blend weight of ``ema_lerp_``: a number in [0, 1], or a 0-d floating tensor on ``device``.
+
+    A tensor weight is what a CUDA graph needs (a replay reads its current value). Its range is
+    checked only where that is free: on the CPU. A CUDA tensor is not range-checked, since reading
+    it would synchronize with the device (and is illegal while a graph is being captured).
+    """
+    if isinstance(w, torch.Tensor):
+        if w.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: unsupported dtype {w.dtype}; expected {_DTYPE_NAMES}")
+        if w.dim() != 0:
+            raise ValueError(f"{name}: a tensor weight must be 0-d, got shape {tuple(w.shape)}")
+        if device is not None and w.device != device:
+            raise ValueError(f"{name}: on device {w.device} but the tensors are on {device}")
+        if w.device.type == "cpu" and not torch.compiler.is_compiling():
+            number(float(w), name, lo=0.0, hi=1.0)
+        return w
+    return number(w, name, lo=0.0, hi=1.0)
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, last + 1)`` byte addresses ``t`` can reach: from ``data_ptr`` (storage start plus
+    ``storage_offset * itemsize``) over ``1 + sum((size - 1) * stride)`` elements."""
+    start = t.data_ptr()
+    if t.is_contiguous():
+        extent = t.numel()
+    else:
+        extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return start, start + extent * t.element_size()
+
+
+def no_overlap(lists: list[tuple[str, list[torch.Tensor], bool]]) -> None:
+    """Raise ``ValueError`` naming two entries whose memory overlaps, unless both are read-only.
+
+    ``lists``: ``(name, tensors, written)``; entries of a ``written`` list are updated in place.
+    Two tensors overlap when their reachable byte ranges intersect (:func:`_byte_span`): for
+    tensors of one storage that is ``[storage_offset * itemsize, (storage_offset + extent) *
+    itemsize)``, so disjoint views of one buffer (the halves of a flat parameter buffer) pass.
+    Ranges are compared as absolute addresses: live storages never share addresses unless they
+    alias one memory block (``from_blob``, DLPack), which is a real overlap too. Empty tensors
+    never overlap. One sort of all ranges, then one sweep: O(n log n).
+
+    Skipped on the meta device and while ``torch.compile`` traces (no memory to compare).
+    """
+    if torch.compiler.is_compiling():
+        return
+    spans = []
+    for li, (name, ts, written) in enumerate(lists):
+        for i, t in enumerate(ts):
+            if t.device.type == "meta":
+                return
+            if t.numel():
+                start, end = _byte_span(t)
+                spans.append((start, end, li, i, written))
+    spans.sort()
+    # Furthest-reaching range so far among written entries and among read-only ones: any range
+    # that starts before it ends overlaps it (or another range that also overlaps the new one).
+    w_end, w_who, r_end, r_who = -1, None, -1, None
+    for start, end, li, i, written in spans:
+        hit = w_who if w_end > start else (r_who if written and r_end > start else None)
+        if hit is not None:
+            _overlap_error(lists, hit, (li, i))
+        if written and end > w_end:
+            w_end, w_who = end, (li, i)
+        elif not written and end > r_end:
+            r_end, r_who = end, (li, i)
+
+
+def _overlap_error(lists, a: tuple[int, int], b: tuple[int, int]) -> None:
+    later, earlier = max(a, b), min(a, b)  # name the entry that comes later in the arguments first
+
+    def describe(who):
+        name, ts, _ = lists[who[0]]
+        t = ts[who[1]]
+        return f"{name}[{who[1]}]", t.storage_offset() * t.element_size(), _byte_span(t)[1] - t.data_ptr()
+
+    (n1, o1, l1), (n2, o2, l2) = describe(later), describe(earlier)
+    raise ValueError(f"{n1} overlaps {n2} in memory (storage bytes [{o1}, {o1 + l1}) and [{o2}, {o2 + l2})): "
+                     f"an in-place multi-tensor op needs every updated tensor in memory of its own; "
+                     f"pass each tensor once")

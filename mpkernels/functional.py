@@ -79,14 +79,35 @@ def _weight(w: torch.Tensor, name="w", ndim=None):
         raise ValueError(f"{name}: expected a {ndim}-d weight, got shape {tuple(w.shape)}")
 
 
-def mp_weight(w: torch.Tensor, gain=1.0, eps: float = 1e-4) -> torch.Tensor:
-    """``normalize(w) * gain / sqrt(fan_in)`` in fp32, differentiable in ``w`` and a tensor ``gain``; spec §1."""
+def _qkv_heads(qkv_heads, w: torch.Tensor) -> dict:
+    """``{'qkv_heads': n}`` for the dispatch (nothing when None: backends without the option still serve)."""
+    if qkv_heads is None:
+        return {}
+    if isinstance(qkv_heads, bool) or not isinstance(qkv_heads, int) or qkv_heads < 1:
+        raise ValueError(f"qkv_heads: expected a positive int or None, got {qkv_heads!r}")
+    if w.shape[0] % (3 * qkv_heads) != 0:
+        raise ValueError(f"qkv_heads: {qkv_heads} heads of q, k and v do not divide the {w.shape[0]} output rows of w")
+    return {"qkv_heads": qkv_heads}
+
+
+def mp_weight(w: torch.Tensor, gain=1.0, eps: float = 1e-4, *, qkv_heads: int | None = None) -> torch.Tensor:
+    """``normalize(w) * gain / sqrt(fan_in)`` in fp32, differentiable in ``w`` and a tensor ``gain``; spec §1.
+
+    ``qkv_heads``: ``w`` projects to attention q, k, v for that many heads in the release's
+    interleaved channel order (spec §1); the result's rows come out head-contiguous
+    (``head*3*D + j*D + d``), the layout ``cosine_attention(..., layout='head_contiguous')``
+    reads. The parameter itself keeps its layout (state dicts unchanged).
+    """
     _weight(w)
-    return dispatch("mp_weight", w, V.gain(gain, device=w.device), V.eps(eps))
+    extra = _qkv_heads(qkv_heads, w)
+    return dispatch("mp_weight", w, V.gain(gain, device=w.device), V.eps(eps), **extra)
 
 
-def mp_conv2d(x: torch.Tensor, w: torch.Tensor, gain=1.0) -> torch.Tensor:
-    """``conv2d(x, mp_weight(w, gain).to(x.dtype), padding=k//2)``; ``w: [out, in, k, k]`` with odd ``k``."""
+def mp_conv2d(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, qkv_heads: int | None = None) -> torch.Tensor:
+    """``conv2d(x, mp_weight(w, gain).to(x.dtype), padding=k//2)``; ``w: [out, in, k, k]`` with odd ``k``.
+
+    ``qkv_heads``: output channels in head-contiguous q, k, v order (see :func:`mp_weight`).
+    """
     V.tensor(x, "x", ndim=4)
     _weight(w, ndim=4)
     V.same_device([("x", x), ("w", w)])
@@ -94,7 +115,8 @@ def mp_conv2d(x: torch.Tensor, w: torch.Tensor, gain=1.0) -> torch.Tensor:
         raise ValueError(f"w: kernel must be square with odd size, got {tuple(w.shape[2:])}")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"w: expects {w.shape[1]} input channels but x has {x.shape[1]}")
-    return dispatch("mp_conv2d", x, w, V.gain(gain, device=w.device))
+    extra = _qkv_heads(qkv_heads, w)
+    return dispatch("mp_conv2d", x, w, V.gain(gain, device=w.device), **extra)
 
 
 def mp_linear(x: torch.Tensor, w: torch.Tensor, gain=1.0) -> torch.Tensor:
@@ -107,8 +129,15 @@ def mp_linear(x: torch.Tensor, w: torch.Tensor, gain=1.0) -> torch.Tensor:
     return dispatch("mp_linear", x, w, V.gain(gain, device=w.device))
 
 
-def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Cosine attention on the raw qkv conv output ``[N, 3C, H, W]`` (spec §1) -> ``[N, C, H, W]``."""
+def cosine_attention(qkv: torch.Tensor, num_heads: int, *, layout: str = "interleaved") -> torch.Tensor:
+    """Cosine attention on the raw qkv conv output ``[N, 3C, H, W]`` (spec §1) -> ``[N, C, H, W]``.
+
+    ``layout``: channel order of ``qkv``: ``'interleaved'`` (spec §1 and the released models,
+    ``head*3*D + 3*d + j``, j = q, k, v) or ``'head_contiguous'`` (``head*3*D + j*D + d``, what
+    ``mp_conv2d(..., qkv_heads=num_heads)`` produces; faster for channels_last on the Triton backend).
+    """
+    if layout not in ("interleaved", "head_contiguous"):
+        raise ValueError(f"layout: expected 'interleaved' or 'head_contiguous', got {layout!r}")
     V.tensor(qkv, "qkv", ndim=4)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
@@ -117,7 +146,9 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     c = qkv.shape[1] // 3
     if c % num_heads != 0:
         raise ValueError(f"num_heads: {num_heads} does not divide the {c} channels of the attention")
-    return dispatch("cosine_attention", qkv, num_heads)
+    if layout == "interleaved":  # the two-argument call every backend implements
+        return dispatch("cosine_attention", qkv, num_heads)
+    return dispatch("cosine_attention", qkv, num_heads, layout)
 
 
 def pixel_norm_mp_silu(x: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,18 +185,31 @@ def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
 
 
 def force_normalize_(tensors, eps: float = 1e-4) -> None:
-    """In place, without autograd: each ``w <- normalize(w)`` (forced weight normalization, spec §1)."""
+    """In place, without autograd: each ``w <- normalize(w)`` (forced weight normalization, spec §1).
+
+    The tensors must not overlap in memory (disjoint views of one buffer are fine): an overlapping
+    pair raises ``ValueError`` naming both entries, whatever the backend.
+    """
     ts = V.tensor_list(tensors, "tensors")
     for i, w in enumerate(ts):
         if w.ndim < 2 or w.numel() == 0:
             raise ValueError(f"tensors[{i}]: expected a non-empty weight with >= 2 dims, got shape {tuple(w.shape)}")
     if ts:
         V.same_device([(f"tensors[{i}]", w) for i, w in enumerate(ts)])
+        V.no_overlap([("tensors", ts, True)])
         dispatch("force_normalize_", ts, V.eps(eps))
 
 
-def ema_lerp_(ema_tensors, tensors, weight: float) -> None:
-    """In place, without autograd: each ``e <- e + weight * (t - e)``; ``weight`` in [0, 1] (spec §7)."""
+def ema_lerp_(ema_tensors, tensors, weight) -> None:
+    """In place, without autograd: each ``e <- e + weight * (t - e)``; ``weight`` in [0, 1] (spec §7).
+
+    ``weight``: a number, or a 0-d floating tensor on the tensors' device, read when the kernels
+    run, so a captured CUDA graph picks up a new value at each replay (a number is baked into
+    the capture). A CUDA tensor weight is not range-checked (that would synchronize).
+
+    No ``ema_tensors`` entry may overlap another one or any ``tensors`` entry in memory
+    (``ValueError`` naming both); the ``tensors`` are only read and may alias each other.
+    """
     es = V.tensor_list(ema_tensors, "ema_tensors")
     ts = V.tensor_list(tensors, "tensors")
     if len(es) != len(ts):
@@ -176,4 +220,8 @@ def ema_lerp_(ema_tensors, tensors, weight: float) -> None:
     if es:
         V.same_device([(f"ema_tensors[{i}]", e) for i, e in enumerate(es)] +
                       [(f"tensors[{i}]", t) for i, t in enumerate(ts)])
-        dispatch("ema_lerp_", es, ts, V.number(weight, "weight", lo=0.0, hi=1.0))
+        weight = V.lerp_weight(weight, device=es[0].device)
+        V.no_overlap([("ema_tensors", es, True), ("tensors", ts, False)])
+        dispatch("ema_lerp_", es, ts, weight)
+    else:
+        V.lerp_weight(weight)

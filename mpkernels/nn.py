@@ -1,15 +1,18 @@
-"""Magnitude-preserving modules: :class:`MPConv` and :class:`MPFourier` (spec §1)."""
+"""Magnitude-preserving modules (spec §1-2): :class:`MPConv`, :class:`MPFourier`, and one thin
+wrapper per functional op (:class:`MPSiLU`, :class:`PixelNorm`, :class:`Normalize`, :class:`MPSum`,
+:class:`MPCat`, :class:`MPSumClip`, :class:`PixelNormMPSiLU`, :class:`ModulatedMPSiLU`,
+:class:`CosineAttention`, :class:`Resample`)."""
 
-from __future__ import annotations
-
-
+# No ``from __future__ import annotations`` here: torch.jit.script needs real annotations.
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from . import functional as mkf
 
-__all__ = ["MPConv", "MPFourier"]
+__all__ = ["MPConv", "MPFourier", "MPSiLU", "PixelNorm", "Normalize", "MPSum", "MPCat", "MPSumClip",
+           "PixelNormMPSiLU", "ModulatedMPSiLU", "CosineAttention", "Resample"]
 
 
 class MPConv(torch.nn.Module):
@@ -41,12 +44,18 @@ class MPConv(torch.nn.Module):
         self.forced_weight_norm = True
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gain=1, *, qkv_heads=None) -> torch.Tensor:
+        """``qkv_heads`` (convolutions only): output channels in head-contiguous q, k, v order, see
+        :func:`mpkernels.mp_conv2d`; the stored weight keeps its layout."""
         if self.training and self.forced_weight_norm:
             with torch.no_grad():
                 mkf.force_normalize_([self.weight])
         if self.weight.ndim == 4:
+            if qkv_heads is not None:
+                return mkf.mp_conv2d(x, self.weight, gain, qkv_heads=qkv_heads)
             return mkf.mp_conv2d(x, self.weight, gain)
+        if qkv_heads is not None:
+            raise ValueError("qkv_heads: only for convolution weights")
         return mkf.mp_linear(x, self.weight, gain)
 
     def extra_repr(self) -> str:
@@ -70,3 +79,218 @@ class MPFourier(torch.nn.Module):
         return mkf.mp_fourier(x, self.freqs, self.phases)
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Thin module wrappers, one per public op (the functional ops do the validation and dispatch).
+# The calls go through small ``torch.jit.ignore``-d helpers so ``torch.jit.script`` accepts the
+# modules (the dispatch itself stays Python); ``torch.compile`` traces straight through them.
+
+def _check_t(t, name: str = "t") -> float:
+    from ._validate import interp_t
+    return interp_t(t, name)
+
+
+def _check_eps(eps) -> float:
+    from ._validate import number
+    return number(eps, "eps", lo=0.0)
+
+
+@torch.jit.ignore
+def _mp_silu(x: torch.Tensor) -> torch.Tensor:
+    return mkf.mp_silu(x)
+
+
+@torch.jit.ignore
+def _pixel_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return mkf.pixel_norm(x, eps)
+
+
+@torch.jit.ignore
+def _normalize(x: torch.Tensor, dim: Optional[List[int]], eps: float) -> torch.Tensor:
+    return mkf.normalize(x, dim, eps)
+
+
+@torch.jit.ignore
+def _mp_sum(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    return mkf.mp_sum(a, b, t)
+
+
+@torch.jit.ignore
+def _mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int, t: float) -> torch.Tensor:
+    return mkf.mp_cat(a, b, dim=dim, t=t)
+
+
+@torch.jit.ignore
+def _mp_sum_clip(a: torch.Tensor, b: torch.Tensor, t: float, clip: float) -> torch.Tensor:
+    return mkf.mp_sum_clip(a, b, t, clip)
+
+
+@torch.jit.ignore
+def _pixel_norm_mp_silu(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return mkf.pixel_norm_mp_silu(x, eps)
+
+
+@torch.jit.ignore
+def _modulated_mp_silu(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return mkf.modulated_mp_silu(y, c)
+
+
+@torch.jit.ignore
+def _cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return mkf.cosine_attention(qkv, num_heads)
+
+
+@torch.jit.ignore
+def _resample(x: torch.Tensor, mode: str) -> torch.Tensor:
+    return mkf.resample(x, mode)
+
+
+class MPSiLU(torch.nn.Module):
+    """Magnitude-preserving SiLU, ``silu(x) / 0.596`` (spec §1): :func:`mpkernels.mp_silu`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _mp_silu(x)
+
+
+class PixelNorm(torch.nn.Module):
+    """Per-pixel normalization over the channels (spec §1): :func:`mpkernels.pixel_norm`."""
+
+    def __init__(self, eps: float = 1e-4):
+        super().__init__()
+        self.eps = _check_eps(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _pixel_norm(x, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps:g}"
+
+
+class Normalize(torch.nn.Module):
+    """``x / (eps + ||x|| / sqrt(K))`` over ``dim`` (spec §1): :func:`mpkernels.normalize`.
+
+    ``dim=None`` reduces over every dim but the first; an int or a list of ints otherwise.
+    """
+
+    def __init__(self, dim=None, eps: float = 1e-4):
+        super().__init__()
+        if dim is not None:
+            dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (list, tuple)) else None
+            if dims is None or not dims or any(isinstance(d, bool) or not isinstance(d, int) for d in dims):
+                raise TypeError(f"dim: expected None, an int or a non-empty list of ints, got {dim!r}")
+            dim = dims
+        self.dim: Optional[List[int]] = dim
+        self.eps = _check_eps(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _normalize(x, self.dim, self.eps)
+
+    def extra_repr(self) -> str:
+        dim = self.dim if self.dim is None or len(self.dim) > 1 else self.dim[0]
+        return f"dim={dim}, eps={self.eps:g}"
+
+
+class MPSum(torch.nn.Module):
+    """Magnitude-preserving sum ``lerp(a, b, t) / sqrt((1-t)^2 + t^2)`` (spec §1): :func:`mpkernels.mp_sum`."""
+
+    def __init__(self, t: float = 0.5):
+        super().__init__()
+        self.t = _check_t(t)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _mp_sum(a, b, self.t)
+
+    def extra_repr(self) -> str:
+        return f"t={self.t:g}"
+
+
+class MPCat(torch.nn.Module):
+    """Magnitude-preserving concatenation along ``dim`` (spec §1): :func:`mpkernels.mp_cat`."""
+
+    def __init__(self, t: float = 0.5, dim: int = 1):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim: expected an int, got {type(dim).__name__}")
+        self.t = _check_t(t)
+        self.dim = dim
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _mp_cat(a, b, self.dim, self.t)
+
+    def extra_repr(self) -> str:
+        return f"t={self.t:g}, dim={self.dim}"
+
+
+class MPSumClip(torch.nn.Module):
+    """Residual sum of a Block, ``clip(mp_sum(a, b, t), -clip, clip)`` (spec §2 steps 5-7):
+    :func:`mpkernels.mp_sum_clip`."""
+
+    def __init__(self, t: float = 0.3, clip: float = 256):
+        super().__init__()
+        from ._validate import number
+        self.t = _check_t(t)
+        self.clip = number(clip, "clip", lo=0.0, lo_open=True)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _mp_sum_clip(a, b, self.t, self.clip)
+
+    def extra_repr(self) -> str:
+        return f"t={self.t:g}, clip={self.clip:g}"
+
+
+class PixelNormMPSiLU(torch.nn.Module):
+    """``(pixel_norm(x), mp_silu(pixel_norm(x)))`` in one pass, the encoder Block's input (spec §2):
+    :func:`mpkernels.pixel_norm_mp_silu`."""
+
+    def __init__(self, eps: float = 1e-4):
+        super().__init__()
+        self.eps = _check_eps(eps)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _pixel_norm_mp_silu(x, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps:g}"
+
+
+class ModulatedMPSiLU(torch.nn.Module):
+    """``mp_silu(y * c[:, :, None, None])``, a Block's embedding modulation (spec §2 step 3):
+    :func:`mpkernels.modulated_mp_silu`; ``y: [N, C, H, W]``, ``c: [N, C]``."""
+
+    def forward(self, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return _modulated_mp_silu(y, c)
+
+
+class CosineAttention(torch.nn.Module):
+    """Cosine self-attention on a Block's raw qkv conv output ``[N, 3C, H, W] -> [N, C, H, W]`` (spec §1):
+    :func:`mpkernels.cosine_attention`."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+        self.num_heads = num_heads
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        return _cosine_attention(qkv, self.num_heads)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"
+
+
+class Resample(torch.nn.Module):
+    """Resampling with the [1, 1] filter (spec §1): ``'keep'``, ``'down'`` (2x2 average pool) or
+    ``'up'`` (2x nearest): :func:`mpkernels.resample`."""
+
+    def __init__(self, mode: str = "keep"):
+        super().__init__()
+        if mode not in ("keep", "up", "down"):
+            raise ValueError(f"mode: expected 'keep', 'up' or 'down', got {mode!r}")
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _resample(x, self.mode)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"

@@ -76,20 +76,36 @@ def mp_fourier(x: torch.Tensor, freqs: torch.Tensor, phases: torch.Tensor) -> to
     return (y.cos() * math.sqrt(2)).to(x.dtype)
 
 
-def mp_weight(w: torch.Tensor, gain=1.0, eps: float = 1e-4) -> torch.Tensor:
+ATTENTION_LAYOUTS = ("interleaved", "head_contiguous")
+
+
+def head_contiguous_rows(channels: int, num_heads: int, device=None) -> torch.Tensor:
+    """Row order that takes qkv channels from the release's interleaved layout to head-contiguous.
+
+    Entry ``head*3*D + j*D + d`` is ``head*3*D + 3*d + j`` (``D = channels / (3*num_heads)``,
+    ``j`` = q, k, v): ``qkv_hc = qkv.index_select(1, head_contiguous_rows(...))``.
+    """
+    return torch.arange(channels, device=device).reshape(num_heads, -1, 3).transpose(1, 2).reshape(-1)
+
+
+def mp_weight(w: torch.Tensor, gain=1.0, eps: float = 1e-4, qkv_heads: int | None = None) -> torch.Tensor:
     """Effective weight of an MPConv: ``normalize(w) * gain / sqrt(fan_in)`` (spec §1 MPConv steps 1, 3, 4).
 
     ``normalize`` is the traditional (differentiable) weight normalization over
     each output row; ``fan_in = w[0].numel()``. Returns fp32 (fp64 for fp64 ``w``);
-    callers cast to the compute dtype.
+    callers cast to the compute dtype. ``qkv_heads``: ``w`` is a qkv projection for that many
+    heads; the rows come out in :func:`head_contiguous_rows` order.
     """
     w = w.to(stat_dtype(w.dtype))
-    return normalize(w, eps=eps) * (gain / math.sqrt(w[0].numel()))
+    y = normalize(w, eps=eps) * (gain / math.sqrt(w[0].numel()))
+    if qkv_heads is not None:
+        y = y.index_select(0, head_contiguous_rows(w.shape[0], qkv_heads, w.device))
+    return y
 
 
-def mp_conv2d(x: torch.Tensor, w: torch.Tensor, gain=1.0) -> torch.Tensor:
+def mp_conv2d(x: torch.Tensor, w: torch.Tensor, gain=1.0, qkv_heads: int | None = None) -> torch.Tensor:
     """``conv2d(x, mp_weight(w, gain).to(x.dtype), padding=k//2)`` (spec §1 MPConv step 5)."""
-    return F.conv2d(x, mp_weight(w, gain).to(x.dtype), padding=w.shape[-1] // 2)
+    return F.conv2d(x, mp_weight(w, gain, qkv_heads=qkv_heads).to(x.dtype), padding=w.shape[-1] // 2)
 
 
 def mp_linear(x: torch.Tensor, w: torch.Tensor, gain=1.0) -> torch.Tensor:
@@ -97,16 +113,20 @@ def mp_linear(x: torch.Tensor, w: torch.Tensor, gain=1.0) -> torch.Tensor:
     return F.linear(x, mp_weight(w, gain).to(x.dtype))
 
 
-def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+def cosine_attention(qkv: torch.Tensor, num_heads: int, layout: str = "interleaved") -> torch.Tensor:
     """Cosine attention of an EDM2 Block (spec §1, paper App. B.2).
 
-    ``qkv: [N, 3C, H, W]`` with channel index ``head*(3*c_head) + c*3 + j`` (j = q, k, v).
+    ``qkv: [N, 3C, H, W]`` with channel index ``head*(3*c_head) + c*3 + j`` (j = q, k, v), or
+    ``head*(3*c_head) + j*c_head + c`` for ``layout='head_contiguous'``.
     Every q, k and v vector is normalized to unit RMS over its ``c_head`` channels,
     ``A = softmax_k(q^T k / sqrt(c_head))``, ``y = v A^T``; returns ``[N, C, H, W]``.
     """
     n, c3, h, w = qkv.shape
-    y = qkv.reshape(n, num_heads, c3 // (3 * num_heads), 3, h * w)
-    q, k, v = normalize(y, dim=2).unbind(3)
+    d = c3 // (3 * num_heads)
+    if layout == "head_contiguous":
+        q, k, v = normalize(qkv.reshape(n, num_heads, 3, d, h * w), dim=3).unbind(2)
+    else:
+        q, k, v = normalize(qkv.reshape(n, num_heads, d, 3, h * w), dim=2).unbind(3)
     a = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
     y = torch.einsum("nhqk,nhck->nhcq", a, v)
     return y.reshape(n, c3 // 3, h, w)
@@ -145,7 +165,15 @@ def force_normalize_(tensors: list[torch.Tensor], eps: float = 1e-4) -> None:
 
 
 @torch.no_grad()
-def ema_lerp_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], weight: float) -> None:
-    """EMA update, in place: each ``e <- e + weight * (t - e)`` (spec §7)."""
+def ema_lerp_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], weight) -> None:
+    """EMA update, in place: each ``e <- e + weight * (t - e)`` (spec §7).
+
+    ``weight``: a number, or a 0-d tensor (read on the device, e.g. by a replayed CUDA graph),
+    applied in the statistics dtype.
+    """
     for e, t in zip(ema_tensors, tensors):
-        e.lerp_(t.to(e.dtype), weight)
+        if isinstance(weight, torch.Tensor):
+            sd = stat_dtype(e.dtype)
+            e.copy_(torch.lerp(e.to(sd), t.to(sd), weight.to(sd)))
+        else:
+            e.lerp_(t.to(e.dtype), weight)

@@ -14,11 +14,31 @@ import sys
 import pytest
 import torch
 
+
+def _kernel_device() -> str:
+    """'cuda' when a GPU is present, else 'cpu'; ``MPKERNELS_TEST_DEVICE=cpu|cuda`` forces it."""
+    forced = os.environ.get("MPKERNELS_TEST_DEVICE", "").strip().lower()
+    if forced:
+        if forced not in ("cpu", "cuda"):
+            raise ValueError(f"MPKERNELS_TEST_DEVICE must be 'cpu' or 'cuda', got {forced!r}")
+        return forced
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# The device kernel tests put their tensors on: CUDA tensors for the real kernels on a GPU,
+# CPU tensors for the Triton interpreter (and the CUDA backend's C++ twins) otherwise.
+KERNEL_DEVICE = _kernel_device()
+
 # Triton reads TRITON_INTERPRET when kernels are decorated, so it must be set before mpkernels
-# is imported. Without a GPU, Triton kernels then run on CPU tensors (slowly) for parity tests;
-# 'auto' never picks the interpreter, only tests that ask for backend 'triton' use it.
-if not torch.cuda.is_available():
+# is imported. On CPU tensors, Triton kernels then run (slowly) in the interpreter for parity
+# tests; 'auto' never picks the interpreter, only tests that ask for backend 'triton' use it.
+if KERNEL_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+elif torch.cuda.is_available():
+    # fp32 oracles and eager yardsticks in true fp32: TF32 convolutions/matmuls would make the
+    # reference itself ~1e-3 off and hide (or fake) kernel errors.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for p in (ROOT, os.path.join(ROOT, "python")):
@@ -26,6 +46,35 @@ for p in (ROOT, os.path.join(ROOT, "python")):
         sys.path.insert(0, p)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def kernel_device() -> torch.device:
+    """Where kernel tests run: ``cuda`` on a GPU machine, else ``cpu`` (the Triton interpreter).
+
+    Build inputs on CPU (seeded generators give the same values everywhere) and move them
+    here; the float64 oracle may run on either device. ``MPKERNELS_TEST_DEVICE=cpu`` on a GPU
+    machine runs the interpreter instead; ``=cuda`` on a machine without one makes every such
+    test fail (nothing is silently skipped)."""
+    return torch.device(KERNEL_DEVICE)
+
+
+@pytest.fixture
+def dev() -> torch.device:
+    """Fixture form of :func:`kernel_device`."""
+    return kernel_device()
+
+
+def require_backend(name: str) -> None:
+    """Skip the calling test module when backend ``name`` cannot run here (its package is not
+    installed, say) -- but never on the GPU device: there an unavailable backend is a failure,
+    not a quiet skip. Call at module level."""
+    import mpkernels as mk
+    if name in mk.available_backends():
+        return
+    why = f"backend {name!r} not available: {mk._backends.load_errors().get(name, 'no device for it')}"
+    if KERNEL_DEVICE == "cuda":
+        raise RuntimeError(why + f" (tests run on {KERNEL_DEVICE}; see MPKERNELS_TEST_DEVICE)")
+    pytest.skip(why, allow_module_level=True)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, tuple]:

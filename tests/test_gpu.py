@@ -5,6 +5,8 @@ Skipped (with the reason) on machines without a CUDA GPU. ``benchmarks/gpu_check
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -40,7 +42,10 @@ def test_parity_at_edm2_s_shapes(real_cases, dtype):
 @pytest.mark.parametrize("backend", [b for b in mk.registered_backends() if b != "reference"])
 def test_fused_training_step_matches_reference(backend):
     if backend not in mk.available_backends():
-        pytest.skip(f"backend {backend!r} not available: {mk._backends.load_errors()}")
+        why = f"backend {backend!r} not available: {mk._backends.load_errors()}"
+        if backend == "cuda" and os.environ.get("MPKERNELS_REQUIRE_EXT", "0") in ("", "0"):
+            pytest.skip(why + " (set MPKERNELS_REQUIRE_EXT=1 to make this a failure)")
+        pytest.fail(why)  # a GPU machine always has Triton; gpu_check.sh requires the extension
     from edm2fast.networks import Precond
     torch.manual_seed(0)
     kw = dict(img_resolution=32, img_channels=4, label_dim=10, model_channels=64, channel_mult=[1, 2],

@@ -4,7 +4,8 @@ Same initial weights, same inputs: the denoised output ``D``, the ``logvar`` hea
 parameter gradient must agree, in eager mode (training mode, with the in-forward forced
 weight normalization, NCHW and channels_last) and under ``torch.compile(fullgraph=True)``
 (one compilation; forced normalization applied outside the compiled forward, as the trainer
-does). Without a GPU the kernels run in the Triton interpreter.
+does). On a GPU machine everything runs on CUDA tensors; without one the kernels run in the
+Triton interpreter on CPU tensors (``conftest.kernel_device``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import pytest
 import torch
 
 import mpkernels as mk
-from conftest import assert_close_to_oracle
+from conftest import assert_close_to_oracle, kernel_device, require_backend
 
 pytest.importorskip("mpkernels.triton")
-if "triton" not in mk.available_backends():  # pragma: no cover
-    pytest.skip("Triton backend not available", allow_module_level=True)
+require_backend("triton")
+DEV = kernel_device()
 
 from edm2fast import networks  # noqa: E402
 
@@ -34,7 +35,7 @@ def make_net(channels_last=False):
         for name, p in net.named_parameters():
             if p.ndim == 0:
                 p.fill_(0.7)
-    return net
+    return net.to(DEV)
 
 
 def inputs():
@@ -44,7 +45,7 @@ def inputs():
     labels = torch.nn.functional.one_hot(torch.tensor([3, 7]), 10).float()
     gd = torch.randn(2, 3, 16, 16, generator=g)
     gl = torch.randn(2, 1, 1, 1, generator=g)
-    return x, sigma, labels, gd, gl
+    return tuple(t.to(DEV) for t in (x, sigma, labels, gd, gl))
 
 
 def step(net, backend, strict=True, model=None):
@@ -111,7 +112,7 @@ def test_precond_autocast_bf16():
     with torch.no_grad():
         with mk.use_backend("reference"):
             oracle = net(x, sigma, labels)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
             with mk.use_backend("reference"):
                 eager = net(x, sigma, labels)
             with mk.use_backend("triton", strict=True):

@@ -1,7 +1,7 @@
 """Triton backend: forward and backward parity of every op against the fp64 reference.
 
-Without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest) on CPU tensors.
-Each case runs the op three ways: the reference in float64 (the oracle, on exactly the
+On a GPU machine the kernels run on CUDA tensors; without one they run under
+``TRITON_INTERPRET=1`` (set by conftest) on CPU tensors (``conftest.kernel_device``). Each case runs the op three ways: the reference in float64 (the oracle, on exactly the
 rounded inputs), the reference in the low dtype (eager PyTorch's own error, the yardstick),
 and the Triton backend in strict mode (a silent fallback to the reference fails). The
 Triton error may be at most twice eager's plus a small floor (STYLE.md).
@@ -18,11 +18,11 @@ import pytest
 import torch
 
 import mpkernels as mk
-from conftest import DTYPES, assert_close_to_oracle
+from conftest import DTYPES, assert_close_to_oracle, kernel_device, require_backend
 
 triton_mod = pytest.importorskip("mpkernels.triton")
-if "triton" not in mk.available_backends():  # pragma: no cover
-    pytest.skip("Triton backend not available", allow_module_level=True)
+require_backend("triton")
+DEV = kernel_device()
 
 from mpkernels.triton import _common  # noqa: E402
 
@@ -55,7 +55,7 @@ def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
         return t.contiguous(memory_format=torch.channels_last)
     assert kind == "slice"
     n, c, h, w = t.shape
-    big = torch.zeros((n, c + 2, h, w + 3), dtype=t.dtype)
+    big = torch.zeros((n, c + 2, h, w + 3), dtype=t.dtype, device=t.device)
     out = big[:, 1:c + 1, :, 2:w + 2]
     out.copy_(t)
     assert not out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
@@ -107,7 +107,8 @@ def check_op(fn, make_args, dtype, *, grad=True, factor=2.0, seed=0, out_dtype=N
     with mk.use_backend("reference"):
         probe = _outputs(fn(*leaves(same)))
     gens = torch.Generator().manual_seed(seed + 1)
-    grads_out = [torch.randn(p.shape, generator=gens, dtype=torch.float64).to(p.dtype) for p in probe] if grad else None
+    grads_out = ([torch.randn(p.shape, generator=gens, dtype=torch.float64).to(p.dtype).to(p.device) for p in probe]
+                 if grad else None)
     oracle_out, oracle_g = run_op(fn, oracle_args, "reference", grads_out=grads_out)
     eager_out, eager_g = run_op(fn, leaves(same), "reference", grads_out=grads_out)
     tri_out, tri_g = run_op(fn, leaves(same), "triton", strict=True, grads_out=grads_out)
@@ -133,7 +134,8 @@ def layout_like(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def rand(shape, dtype, kind="nchw", scale=1.0, requires_grad=True):
-    t = layout((torch.randn(shape, dtype=torch.float64) * scale).to(dtype), kind)
+    """Random values drawn on CPU (the same on every machine), on the kernel device in ``kind``'s layout."""
+    t = layout((torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(DEV), kind)
     t.requires_grad_(requires_grad)
     return t
 
@@ -188,7 +190,7 @@ def test_normalize_rows(shape, dtype):
 
 def test_normalize_zero_rows():
     """All-zero rows: finite output and a zero gradient, as in PyTorch."""
-    x = torch.zeros(2, 8, 3, 3, requires_grad=True)
+    x = torch.zeros(2, 8, 3, 3, device=DEV, requires_grad=True)
     with mk.use_backend("triton", strict=True):
         y = mk.pixel_norm(x)
         y.sum().backward()
@@ -257,7 +259,7 @@ def test_resample(shape, kind, mode, dtype):
 
 
 def test_resample_keep_is_identity():
-    x = torch.randn(1, 2, 3, 3)
+    x = torch.randn(1, 2, 3, 3, device=DEV)
     with mk.use_backend("triton", strict=True):
         assert mk.resample(x, "keep") is x
 
@@ -268,7 +270,7 @@ def test_layouts_preserved(shape, kind):
     x = rand(shape, torch.float32, kind, requires_grad=False)
     with mk.use_backend("triton", strict=True):
         for y in (mk.mp_silu(x), mk.pixel_norm(x), mk.mp_sum(x, x, 0.5), mk.pixel_norm_mp_silu(x)[1],
-                  mk.modulated_mp_silu(x, torch.ones(shape[:2]))):
+                  mk.modulated_mp_silu(x, torch.ones(shape[:2], device=DEV))):
             assert y.stride() == x.stride()
 
 
@@ -283,7 +285,7 @@ WEIGHT_SHAPES = [((4, 3, 3, 3), "nchw"), ((4, 3, 3, 3), "cl"), ((192, 5, 1, 1), 
 @pytest.mark.parametrize("gain", ["float", "tensor"])
 def test_mp_weight(shape, kind, gain, dtype):
     def make(d):
-        g = 1.3 if gain == "float" else torch.tensor(0.7, dtype=torch.float32, requires_grad=True)
+        g = 1.3 if gain == "float" else torch.tensor(0.7, dtype=torch.float32, device=DEV, requires_grad=True)
         return [rand(shape, d, kind), g]
     out, _ = check_op(lambda w, g: mk.mp_weight(w, g), make, dtype)
     if kind == "cl":  # a channels_last weight gives a channels_last effective weight, without a copy
@@ -296,7 +298,7 @@ def test_mp_weight(shape, kind, gain, dtype):
 def test_mp_conv2d(k, kind, dtype):
     def make(d):
         return [rand((2, 5, 6, 6), d, kind), rand((4, 5, k, k), torch.float32, "cl" if kind == "cl" else "nchw"),
-                torch.tensor(0.8, requires_grad=True)]
+                torch.tensor(0.8, device=DEV, requires_grad=True)]
     out, _ = check_op(mk.mp_conv2d, make, dtype)
 
 
@@ -309,8 +311,8 @@ def test_mp_linear(xshape, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mp_fourier(dtype):
-    freqs = 2 * math.pi * torch.randn(17)
-    phases = 2 * math.pi * torch.rand(17)
+    freqs = (2 * math.pi * torch.randn(17)).to(DEV)
+    phases = (2 * math.pi * torch.rand(17)).to(DEV)
     check_op(lambda x: mk.mp_fourier(x, freqs, phases), lambda d: [rand((5,), d, scale=0.5)], dtype)
 
 
@@ -365,7 +367,7 @@ def _weights(dtypes):
     out.append(torch.randn(6, 8, dtype=torch.float64).to(dtypes[0]).t())  # rows not contiguous: reference path
     out.append(torch.randn(5, 4, 3, 3, dtype=torch.float64).to(dtypes[-1]).contiguous(
         memory_format=torch.channels_last))  # rows contiguous in another order: kernel path
-    return out
+    return [w.to(DEV) for w in out]  # .to keeps strides (transposed and channels_last stay so)
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.bfloat16, torch.float16)],
@@ -396,6 +398,7 @@ def test_ema_lerp_(dtypes, launches):
     ts.append(torch.randn(8, 6))
     es.append(torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last))  # same dense layout: kernel
     ts.append(torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last))
+    ts, es = [t.to(DEV) for t in ts], [e.to(DEV) for e in es]
     w = 0.0123
     oracle = [(e.double() + w * (t.double() - e.double())).to(e.dtype) for e, t in zip(es, ts)]
     eager = [e.clone() for e in es]
@@ -410,8 +413,8 @@ def test_ema_lerp_(dtypes, launches):
 
 def test_force_normalize_bumps_version():
     """Like ``copy_``, the in-place update is visible to autograd's saved-tensor check."""
-    w = torch.randn(4, 6, requires_grad=True)
-    x = torch.randn(3, 6)
+    w = torch.randn(4, 6, device=DEV, requires_grad=True)
+    x = torch.randn(3, 6, device=DEV)
     with mk.use_backend("triton", strict=True):
         y = mk.mp_linear(x, w)
         mk.force_normalize_([w])
@@ -428,7 +431,7 @@ def test_auto_never_picks_the_interpreter():
 
 
 def test_float64_falls_back_to_reference():
-    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=DEV)
     with mk.use_backend("triton"):
         y = mk.pixel_norm(x)
     torch.testing.assert_close(y, mk.reference.pixel_norm(x))

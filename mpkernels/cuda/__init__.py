@@ -136,14 +136,19 @@ def mp_sum_clip(a, b, t, clip):
     return _ops.get().mp_sum_clip(a, b, t, clip)
 
 
-def mp_weight(w, gain=1.0, eps=1e-4):
+def mp_weight(w, gain=1.0, eps=1e-4, qkv_heads=None):
     if isinstance(gain, torch.Tensor):
-        return _ops.get().mp_weight_t(w, gain, eps)[0]
-    return _ops.get().mp_weight(w, float(gain), eps)[0]
+        y = _ops.get().mp_weight_t(w, gain, eps)[0]
+    else:
+        y = _ops.get().mp_weight(w, float(gain), eps)[0]
+    if qkv_heads is not None:  # head-contiguous q, k, v rows: a gather of the (small) weight
+        from ..reference import head_contiguous_rows
+        y = y.index_select(0, head_contiguous_rows(w.shape[0], qkv_heads, w.device))
+    return y
 
 
-def mp_conv2d(x, w, gain=1.0):
-    return F.conv2d(x, mp_weight(w, gain).to(x.dtype), padding=w.shape[-1] // 2)
+def mp_conv2d(x, w, gain=1.0, qkv_heads=None):
+    return F.conv2d(x, mp_weight(w, gain, qkv_heads=qkv_heads).to(x.dtype), padding=w.shape[-1] // 2)
 
 
 def mp_linear(x, w, gain=1.0):
@@ -173,9 +178,9 @@ register("modulated_mp_silu", "cuda", modulated_mp_silu, devices=_DEVICES, suppo
 register("mp_sum", "cuda", mp_sum, devices=_DEVICES, supports=lambda a, b, t=0.5: _ok(a, b))
 register("mp_sum_clip", "cuda", mp_sum_clip, devices=_DEVICES, supports=lambda a, b, t, clip: _ok(a, b))
 register("mp_weight", "cuda", mp_weight, devices=_DEVICES,
-         supports=lambda w, gain=1.0, eps=1e-4: _ok(w) and _gain_ok(gain, w))
+         supports=lambda w, gain=1.0, eps=1e-4, qkv_heads=None: _ok(w) and _gain_ok(gain, w))
 register("mp_conv2d", "cuda", mp_conv2d, devices=_DEVICES,
-         supports=lambda x, w, gain=1.0: _ok(w) and x.dtype in _DTYPES and _gain_ok(gain, w))
+         supports=lambda x, w, gain=1.0, qkv_heads=None: _ok(w) and x.dtype in _DTYPES and _gain_ok(gain, w))
 register("mp_linear", "cuda", mp_linear, devices=_DEVICES,
          supports=lambda x, w, gain=1.0: _ok(w) and x.dtype in _DTYPES and _gain_ok(gain, w))
 register("force_normalize_", "cuda", force_normalize_, devices=_DEVICES,

@@ -5,6 +5,11 @@ backward custom op, tied with :func:`mpkernels._library.with_backward`; the in-p
 multi-tensor ops are custom ops that declare what they mutate. Fake functions allocate
 exactly as ``csrc/bindings.cpp`` does (``empty_like`` of the input, statistics contiguous
 fp32), so ``torch.compile(fullgraph=True)`` sees the same strides as eager.
+
+Multi-tensor ops under CUDA graphs: the extension passes its per-tensor pointers and sizes as
+kernel parameters (no device table, no host-to-device copy), so capturing them is safe. It takes
+the EMA weight by value, though: a tensor weight on a CUDA device therefore runs the reference
+formula (which reads it on the device) until the binding accepts a weight pointer.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import types
 
 import torch
 
-from .. import _library
+from .. import _library, reference
 
 _OPS: types.SimpleNamespace | None = None
 _EXT = None  # the extension module the ops call (set by define)
@@ -138,11 +143,32 @@ def define(module) -> types.SimpleNamespace:
     def ema_lerp_impl(ema_tensors, tensors, weight):
         ext.ema_lerp_(ema_tensors, tensors, weight)
 
+    def ema_lerp_tensor_weight_impl(ema_tensors, tensors, weight):
+        if weight.device.type == "cpu":  # the C++ twins: reading a host scalar costs nothing
+            ext.ema_lerp_(ema_tensors, tensors, float(weight))
+        else:
+            # The extension takes the weight by value: reading a CUDA tensor here would synchronize
+            # (illegal during graph capture) and a captured launch would keep the old value. Until it
+            # takes a device pointer, use the reference formula, which reads the weight on the device.
+            reference.ema_lerp_(ema_tensors, tensors, weight)
+
     ops.force_normalize_ = _custom_inplace("cuda_force_normalize_", "(Tensor(a!)[] tensors, float eps) -> ()",
                                            ("tensors",), force_normalize_impl)
-    ops.ema_lerp_ = _custom_inplace("cuda_ema_lerp_",
-                                    "(Tensor(a!)[] ema_tensors, Tensor[] tensors, float weight) -> ()",
-                                    ("ema_tensors",), ema_lerp_impl)
+    ema_lerp_float = _custom_inplace("cuda_ema_lerp_",
+                                     "(Tensor(a!)[] ema_tensors, Tensor[] tensors, float weight) -> ()",
+                                     ("ema_tensors",), ema_lerp_impl)
+    ema_lerp_tensor = _custom_inplace("cuda_ema_lerp_tensor_weight_",
+                                      "(Tensor(a!)[] ema_tensors, Tensor[] tensors, Tensor weight) -> ()",
+                                      ("ema_tensors",), ema_lerp_tensor_weight_impl)
+
+    def ema_lerp_(ema_tensors, tensors, weight):
+        """``weight``: a number, or a 0-d tensor on the tensors' device (capture-safe, see above)."""
+        if isinstance(weight, torch.Tensor):
+            ema_lerp_tensor(ema_tensors, tensors, weight)
+        else:
+            ema_lerp_float(ema_tensors, tensors, float(weight))
+
+    ops.ema_lerp_ = ema_lerp_
     _OPS = ops
     return ops
 

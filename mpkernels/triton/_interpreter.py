@@ -8,6 +8,11 @@ paths differ from what the GPU does:
 * ``x.to(tl.bfloat16)`` from fp32 truncates the mantissa. The GPU rounds to nearest even
   (``cvt.rn.bf16.f32``); here it does too.
 
+Triton 3.6's interpreter also turns a scalar into a Python int (a runtime loop bound, a
+``range(0, n, BLOCK)`` over a runtime ``n``) with ``int(array)``; its scalars are 1-element
+arrays of shape ``(1,)``, which NumPy >= 2.4 refuses to convert. Later Triton squeezes the
+array first; here every version does.
+
 The kernels themselves are unchanged, so the code tested is the GPU code. Imported only when
 the interpreter is active.
 """
@@ -39,7 +44,34 @@ def _widen_bf16(h) -> np.ndarray:
     return (h.data.astype(np.uint32) << 16).view(np.float32)
 
 
+def _scalar_index(self) -> int:
+    """``operator.index`` of an interpreted scalar tensor (a 1-element array of any rank)."""
+    data = np.asarray(self.handle.data)
+    if data.size != 1:
+        raise TypeError(f"only a scalar can be used as an index, got a block of shape {data.shape}")
+    return int(data.reshape(()))
+
+
+def _patch_index() -> None:
+    """Make ``int()`` of an interpreted scalar work under NumPy >= 2.4 (Triton <= 3.6)."""
+    original = getattr(_interp, "_patch_lang_tensor", None) if _interp is not None else None
+    if original is None or getattr(original, "_mpkernels_patched", False):
+        return
+
+    def _patch_lang_tensor(tensor, *rest, **kwargs):
+        original(tensor, *rest, **kwargs)
+        scope = rest[0] if rest else kwargs.get("scope")
+        if scope is not None and hasattr(scope, "set_attr"):  # restored with the rest when the launch ends
+            scope.set_attr(tensor, "__index__", _scalar_index)
+        else:
+            tensor.__index__ = _scalar_index
+
+    _patch_lang_tensor._mpkernels_patched = True
+    _interp._patch_lang_tensor = _patch_lang_tensor
+
+
 def _patch() -> None:
+    _patch_index()
     builder = getattr(_interp, "InterpreterBuilder", None) if _interp is not None else None
     if builder is None or getattr(builder, "_mpkernels_patched", False):
         return

@@ -34,8 +34,9 @@ def _modsilu_fwd_kernel(y_ptr, c_ptr, out_ptr, P, Q, n_pblocks, n_qblocks,
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     m = (p < P)[:, None] & (q < Q)[None, :]
-    base = n.to(tl.int64) * P * Q
-    off = p[:, None] * Q + q[None, :]
+    # The tile's corner in int64 (one sample may pass 2^31 elements), offsets within it in int32.
+    base = (n.to(tl.int64) * P + pb * BLOCK_P) * Q + qb * BLOCK_Q
+    off = tl.arange(0, BLOCK_P)[:, None] * Q + tl.arange(0, BLOCK_Q)[None, :]
     y = tl.load(y_ptr + base + off, mask=m, other=0.0).to(tl.float32)
     if C_ON_COLS:
         cv = tl.load(c_ptr + n * Q + q, mask=q < Q, other=0.0).to(tl.float32)
@@ -56,45 +57,47 @@ def _modsilu_bwd_kernel(g_ptr, y_ptr, c_ptr, dy_ptr, dc_ptr, N, P, Q, n_blocks, 
     n = pid // per_n
     b = (pid % per_n) // n_splits
     s = pid % n_splits
+    # Pointers to tile corners advance in int64 (one sample may pass 2^31 elements); offsets
+    # within a tile are int32 (supports() bounds them).
     base = n.to(tl.int64) * P * Q
-    g_ptr += base
-    y_ptr += base
-    dy_ptr += base
     acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
     lo = s * split_len
+    rp = tl.arange(0, BLOCK_P)
+    rq = tl.arange(0, BLOCK_Q)
+    tile = rp[:, None] * Q + rq[None, :]
     if C_ON_COLS:  # channels along q, pixels along p (channels_last)
-        q = b * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q = b * BLOCK_Q + rq
         cv = tl.load(c_ptr + n * Q + q, mask=q < Q, other=0.0).to(tl.float32)
         hi = tl.minimum(lo + split_len, P)
+        base += b * BLOCK_Q
         for p0 in range(lo, hi, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            m = (p < hi)[:, None] & (q < Q)[None, :]
-            off = p[:, None] * Q + q[None, :]
-            g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32)
+            m = (p0 + rp < hi)[:, None] & (q < Q)[None, :]
+            corner = base + p0.to(tl.int64) * Q
+            g = tl.load(g_ptr + corner + tile, mask=m, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + corner + tile, mask=m, other=0.0).to(tl.float32)
             z = y * cv[None, :]
             sig = 1.0 / (1.0 + tl.exp(-z))
             dz = g * (sig * (1.0 + z * (1.0 - sig)) * (1.0 / 0.596))
-            tl.store(dy_ptr + off, (dz * cv[None, :]).to(dy_ptr.dtype.element_ty), mask=m)
+            tl.store(dy_ptr + corner + tile, (dz * cv[None, :]).to(dy_ptr.dtype.element_ty), mask=m)
             acc += dz * y
         dc = tl.sum(acc, axis=0)
         ch = q
         chmask = q < Q
         n_ch = Q
     else:  # channels along p, pixels along q (NCHW)
-        p = b * BLOCK_P + tl.arange(0, BLOCK_P)
+        p = b * BLOCK_P + rp
         cv = tl.load(c_ptr + n * P + p, mask=p < P, other=0.0).to(tl.float32)
         hi = tl.minimum(lo + split_len, Q)
+        base += (b * BLOCK_P).to(tl.int64) * Q
         for q0 in range(lo, hi, BLOCK_Q):
-            q = q0 + tl.arange(0, BLOCK_Q)
-            m = (p < P)[:, None] & (q < hi)[None, :]
-            off = p[:, None] * Q + q[None, :]
-            g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32)
+            m = (p < P)[:, None] & (q0 + rq < hi)[None, :]
+            corner = base + q0
+            g = tl.load(g_ptr + corner + tile, mask=m, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + corner + tile, mask=m, other=0.0).to(tl.float32)
             z = y * cv[:, None]
             sig = 1.0 / (1.0 + tl.exp(-z))
             dz = g * (sig * (1.0 + z * (1.0 - sig)) * (1.0 / 0.596))
-            tl.store(dy_ptr + off, (dz * cv[:, None]).to(dy_ptr.dtype.element_ty), mask=m)
+            tl.store(dy_ptr + corner + tile, (dz * cv[:, None]).to(dy_ptr.dtype.element_ty), mask=m)
             acc += dz * y
         dc = tl.sum(acc, axis=1)
         ch = p
@@ -214,5 +217,14 @@ def modulated_mp_silu(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return _fwd_op(y, c)
 
 
+def _fits_int32(y) -> bool:
+    """Offsets within a tile (``BLOCK_P`` rows of ``Q``) and pixel/channel indices fit int32."""
+    n, ch, h, w = y.shape
+    c_on_cols = not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+    p, q = (h * w, ch) if c_on_cols else (ch, h * w)
+    bp, _ = _tile(q, c_on_cols)
+    return (bp + 1) * q < 2 ** 31 and max(p, q) < 2 ** 31 - TILE
+
+
 def supports(y, c) -> bool:
-    return C.supported_dtype(y, c)
+    return C.supported_dtype(y, c) and _fits_int32(y)

@@ -30,13 +30,19 @@ def _copy_block(src_ptr, dst_ptr, pid, M, K, src_stride, dst_stride, scale, n_kb
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pm = pid // n_kblocks
     pk = pid % n_kblocks
-    rows = tl.arange(0, BLOCK_M)
-    cols = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    # The tile's corner in int64 (a row may hold most of a sample: row * stride passes 2^31); the
+    # offsets within the tile stay int32 (supports() bounds them by the row length).
     row0 = pm.to(tl.int64) * BLOCK_M
-    m = ((row0 + rows) < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(src_ptr + row0 * src_stride + (rows[:, None] * src_stride + cols[None, :]), mask=m, other=0.0)
+    col0 = pk.to(tl.int64) * BLOCK_K
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    m_left = tl.minimum(M - row0, BLOCK_M).to(tl.int32)
+    k_left = tl.minimum(K - col0, BLOCK_K).to(tl.int32)
+    m = (rows < m_left)[:, None] & (cols < k_left)[None, :]
+    x = tl.load(src_ptr + (row0 * src_stride + col0) + (rows[:, None] * src_stride + cols[None, :]), mask=m,
+                other=0.0)
     y = x.to(tl.float32) * scale
-    tl.store(dst_ptr + row0 * dst_stride + (rows[:, None] * dst_stride + cols[None, :]),
+    tl.store(dst_ptr + (row0 * dst_stride + col0) + (rows[:, None] * dst_stride + cols[None, :]),
              y.to(dst_ptr.dtype.element_ty), mask=m)
 
 
@@ -150,5 +156,17 @@ def mp_cat(a, b, dim: int, t: float):
     return out2.reshape(shp).permute(inv)
 
 
-def supports(a, b, *args) -> bool:
-    return C.supported_dtype(a, b)
+# Offsets within one tile are int32: at most (BLOCK_M - 1) * row length + BLOCK_K, so rows of
+# (almost) 2^31 elements or more go to the reference.
+MAX_ROW = 2 ** 31 - TILE
+
+
+def _row_length(a, b, dim: int) -> int:
+    """Length of an output row of the ``[M, K]`` matrices mp_cat works on (``K`` of ``out``)."""
+    order = C.memory_order(a) if C.is_dense(a) else list(range(a.ndim))
+    p = order.index(dim % a.ndim)
+    return (a.shape[dim] + b.shape[dim]) * math.prod(a.shape[d] for d in order[p + 1:])
+
+
+def supports(a, b, dim: int = 1, *args) -> bool:
+    return C.supported_dtype(a, b) and _row_length(a, b, dim) < MAX_ROW

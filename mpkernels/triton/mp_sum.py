@@ -1,9 +1,13 @@
 """``mp_sum`` and ``mp_sum_clip`` (spec §1 and §2 steps 5-7), forward and backward.
 
-``y = a * ca + b * cb`` with ``ca = (1-t)/sqrt((1-t)^2 + t^2)``, ``cb = t/sqrt(...)`` (the lerp
-and the rescale in one multiply-add, fp32), optionally clipped to ``[-clip, clip]``.
-Element-wise over the dense storage shared by ``a`` and ``b`` (``b`` is copied into ``a``'s
-layout only when the two differ). Backward: ``da = g * ca``, ``db = g * cb`` in one kernel.
+``y = lerp(a, b, t) * s`` with ``s = 1/sqrt((1-t)^2 + t^2)``, optionally clipped to
+``[-clip, clip]``, fp32. The lerp is ``torch.lerp``'s own formula (``a + t*(b-a)`` for
+``t < 0.5``, else ``b + (1-t)*(a-b)``; the launcher swaps the operands), so an infinite input
+gives the reference's result (NaN where ``inf - inf`` appears), not ``inf * ca + b * cb``'s.
+The clamp propagates NaN like ``torch.clamp`` (a diverging run must not be clipped into
+finite values). Element-wise over the dense storage shared by ``a`` and ``b`` (``b`` is copied
+into ``a``'s layout only when the two differ). Backward: ``da = g * (1-t) * s``,
+``db = g * t * s`` in one kernel.
 
 With clipping, the forward also writes the clip mask as bits (1 where ``-clip <= sum <= clip``
 for the unrounded fp32 sum, so the gradient passes exactly where ``clamp``'s would): one bit
@@ -25,19 +29,21 @@ from . import _common as C
 
 
 @triton.jit
-def _mp_sum_fwd_kernel(a_ptr, b_ptr, y_ptr, mask_ptr, n, ca, cb, clip, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+def _mp_sum_fwd_kernel(p_ptr, q_ptr, y_ptr, mask_ptr, n, w, scale, clip, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    """y = (p + w * (q - p)) * scale: (p, q, w) is (a, b, t), or (b, a, 1 - t) when t >= 0.5."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
     off = tl.arange(0, BLOCK)
     m = off < n - start
-    a = tl.load(a_ptr + start + off, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + start + off, mask=m, other=0.0).to(tl.float32)
-    y = a * ca + b * cb
+    p = tl.load(p_ptr + start + off, mask=m, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + start + off, mask=m, other=0.0).to(tl.float32)
+    y = (p + w * (q - p)) * scale
     if CLIP:
-        keep = ((y >= -clip) & (y <= clip)).to(tl.int32)
+        keep = ((y >= -clip) & (y <= clip)).to(tl.int32)  # 0 for NaN, as clamp's backward
         bits = tl.sum(tl.reshape(keep, [BLOCK // 8, 8]) << tl.arange(0, 8)[None, :], axis=1)
         byte = tl.arange(0, BLOCK // 8)
         tl.store(mask_ptr + start // 8 + byte, bits.to(tl.uint8), mask=byte * 8 < n - start)
-        y = tl.minimum(tl.maximum(y, -clip), clip)
+        # Plain min/max compile to min.f32/max.f32, which return the non-NaN operand (NaN -> -clip).
+        y = tl.clamp(y, -clip, clip, propagate_nan=tl.PropagateNan.ALL)
     tl.store(y_ptr + start + off, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -60,8 +66,8 @@ NUM_WARPS = 4
 
 @functools.lru_cache(maxsize=None)  # configs are immutable; build each once
 def _fwd_config(d, clip):
-    return C.make_config(_mp_sum_fwd_kernel, ptrs=dict(a_ptr=d, b_ptr=d, y_ptr=d, mask_ptr="u8"),
-                         floats=("ca", "cb", "clip"), constexprs=dict(CLIP=clip, BLOCK=BLOCK),
+    return C.make_config(_mp_sum_fwd_kernel, ptrs=dict(p_ptr=d, q_ptr=d, y_ptr=d, mask_ptr="u8"),
+                         floats=("w", "scale", "clip"), constexprs=dict(CLIP=clip, BLOCK=BLOCK),
                          num_warps=NUM_WARPS, num_stages=1)
 
 
@@ -87,11 +93,12 @@ def _coefs(t: float) -> tuple[float, float]:
 
 def mp_sum_forward(a, b, t: float, clip: float | None):
     """``(y, mask)``; ``mask`` holds one bit per element when clipping (else it is empty)."""
-    ca, cb = _coefs(t)
+    scale = 1.0 / math.sqrt((1 - t) ** 2 + t ** 2)
+    p, q, w = (a, b, t) if t < 0.5 else (b, a, 1.0 - t)  # torch.lerp's two formulas
     y = C.empty_like_dense(a)
     n = a.numel()
     mask = torch.empty((C.cdiv(n, 8) if clip is not None else 0,), dtype=torch.uint8, device=a.device)
-    C.launch(_fwd_config(a.dtype, clip is not None), (C.cdiv(n, BLOCK),), a, b, y, mask, n, ca, cb,
+    C.launch(_fwd_config(a.dtype, clip is not None), (C.cdiv(n, BLOCK),), p, q, y, mask, n, float(w), scale,
              float(clip) if clip is not None else 0.0)
     return y, mask
 

@@ -10,11 +10,13 @@ Backward, with ``G`` the gradient reaching ``y`` (for the fused op ``G = g_y + g
 Every call is reduced to a contiguous ``[outer, R, inner]`` tensor by views alone when the
 reduced axes are adjacent in memory: NCHW (``inner = H*W``, stride-1 along pixels) and
 channels_last (``inner = 1``, stride-1 along channels) both take the fast path; other layouts
-are copied once. The kernel keeps a whole row in registers when ``R <= 1024`` (one read of
-``x``) and otherwise makes two passes over it.
+are copied once. The kernel keeps a whole row in registers when it fits (one read of ``x``; rows
+up to 2048, as one or two power-of-two chunks) and otherwise makes two passes over it. Offsets
+inside a sample are 64-bit (``r * inner`` passes 2^31 in samples of 2^31 elements or more).
 
 The same kernels serve :mod:`mpkernels.triton.mp_weight` (flag ``GAIN``: output scaled by a
-gain read from memory, per-row partial gradients of that gain written in backward).
+gain read from memory, per-row partial gradients of that gain written in backward; flag
+``PERM``: output rows in head-contiguous q, k, v order, gradients scattered back).
 """
 
 from __future__ import annotations
@@ -31,82 +33,111 @@ from . import _common as C
 
 
 @triton.jit
-def _row_setup(pid, R, inner, num_iblocks, R_CONTIG: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Base offset (int64) of this program's tile, the mask of its valid columns and their stat index."""
+def _qkv_source_row(row, D):
+    """Row ``head*3*D + 3*d + j`` (interleaved q, k, v) that head-contiguous row ``head*3*D + j*D + d`` reads."""
+    head = row // (3 * D)
+    rem = row - head * (3 * D)
+    j = rem // D
+    return head * (3 * D) + 3 * (rem - j * D) + j
+
+
+@triton.jit
+def _columns(pid, R, inner, num_iblocks, qkv_d, R_CONTIG: tl.constexpr, PERM: tl.constexpr, BLOCK_I: tl.constexpr):
+    """The [BLOCK_I] columns (rows of the reduction) of this program's tile: int64 offset of each
+    column's first element in x and in the outputs (they differ only with PERM, which reads rows
+    in :func:`_qkv_source_row` order), which columns are valid, and their statistic index."""
     il = tl.arange(0, BLOCK_I)
-    if R_CONTIG:  # rows of length R, contiguous: row index = pid*BLOCK_I + il
-        row0 = pid.to(tl.int64) * BLOCK_I
-        base = row0 * R
-        ivalid = (row0 + il) < inner
-        stat = row0 + il
+    if R_CONTIG:  # rows of length R, contiguous: row index = pid*BLOCK_I + il (inner = number of rows)
+        row = pid.to(tl.int64) * BLOCK_I + il
+        valid = row < inner
+        y_col = row * R
+        if PERM:
+            x_col = _qkv_source_row(row, qkv_d) * R
+        else:
+            x_col = y_col
+        stat = row
     else:  # [outer, R, inner] with inner contiguous
         o = pid // num_iblocks
-        i0 = (pid % num_iblocks) * BLOCK_I
-        base = o.to(tl.int64) * R * inner + i0
-        ivalid = (i0 + il) < inner
-        stat = o.to(tl.int64) * inner + i0 + il
-    return base, ivalid, stat
+        i = (pid % num_iblocks) * BLOCK_I + il
+        valid = i < inner
+        y_col = o.to(tl.int64) * R * inner + i
+        x_col = y_col
+        stat = o.to(tl.int64) * inner + i
+    return x_col, y_col, valid, stat
 
 
 @triton.jit
-def _row_offsets(r, R, inner, R_CONTIG: tl.constexpr, BLOCK_I: tl.constexpr):
-    il = tl.arange(0, BLOCK_I)
+def _offsets(col, r, inner, R_CONTIG: tl.constexpr):
+    """[len(r), BLOCK_I] element offsets; 64-bit, since r * inner can pass 2^31 within one sample."""
     if R_CONTIG:
-        return il[None, :] * R + r[:, None]
+        return col[None, :] + r[:, None]
     else:
-        return r[:, None] * inner + il[None, :]
+        return col[None, :] + (r.to(tl.int64) * inner)[:, None]
 
 
 @triton.jit
-def _normalize_fwd_kernel(x_ptr, y_ptr, s_ptr, inv_ptr, gain_ptr, R, inner, num_iblocks, eps, inv_sqrt_r, scale,
-                          R_CONTIG: tl.constexpr, SILU: tl.constexpr, GAIN: tl.constexpr,
-                          ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    """y = x * inv * scale [* gain]; optionally s = silu(y) / 0.596; inv saved per row (fp32)."""
-    pid = tl.program_id(0)
-    base, ivalid, stat = _row_setup(pid, R, inner, num_iblocks, R_CONTIG, BLOCK_I)
-    x_ptr += base
-    y_ptr += base
+def _load_x(x_ptr, x_col, valid, r, R, inner, R_CONTIG: tl.constexpr):
+    m = (r < R)[:, None] & valid[None, :]
+    return tl.load(x_ptr + _offsets(x_col, r, inner, R_CONTIG), mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_y(y_ptr, s_ptr, y_col, valid, r, R, inner, x, mult, R_CONTIG: tl.constexpr, SILU: tl.constexpr):
+    """y = x * mult per column; with SILU also s = silu(y) / 0.596."""
+    off = _offsets(y_col, r, inner, R_CONTIG)
+    m = (r < R)[:, None] & valid[None, :]
+    y = x * mult[None, :]
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
     if SILU:
-        s_ptr += base
+        s = y / (1.0 + tl.exp(-y)) * (1.0 / 0.596)
+        tl.store(s_ptr + off, s.to(s_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _normalize_fwd_kernel(x_ptr, y_ptr, s_ptr, inv_ptr, gain_ptr, R, inner, num_iblocks, qkv_d, eps, inv_sqrt_r,
+                          scale, R_CONTIG: tl.constexpr, SILU: tl.constexpr, GAIN: tl.constexpr, PERM: tl.constexpr,
+                          ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_R2: tl.constexpr,
+                          BLOCK_I: tl.constexpr):
+    """y = x * inv * scale [* gain]; optionally s = silu(y) / 0.596; inv saved per row (fp32).
+
+    One pass: the row is held in registers as a BLOCK_R chunk plus an optional BLOCK_R2 chunk
+    (e.g. 576 = 512 + 64 channels, instead of one 1024 block with 44% of its lanes masked).
+    """
+    pid = tl.program_id(0)
+    x_col, y_col, valid, stat = _columns(pid, R, inner, num_iblocks, qkv_d, R_CONTIG, PERM, BLOCK_I)
     mult = scale
     if GAIN:
         mult = scale * tl.load(gain_ptr).to(tl.float32)
     if ONE_PASS:
         r = tl.arange(0, BLOCK_R)
-        off = _row_offsets(r, R, inner, R_CONTIG, BLOCK_I)
-        m = (r < R)[:, None] & ivalid[None, :]
-        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-        inv = 1.0 / (eps + tl.sqrt(tl.sum(x * x, axis=0)) * inv_sqrt_r)
-        y = x * (inv * mult)[None, :]
-        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
-        if SILU:
-            s = y / (1.0 + tl.exp(-y)) * (1.0 / 0.596)
-            tl.store(s_ptr + off, s.to(s_ptr.dtype.element_ty), mask=m)
+        x = _load_x(x_ptr, x_col, valid, r, R, inner, R_CONTIG)
+        ss = tl.sum(x * x, axis=0)
+        if BLOCK_R2 > 0:
+            r2 = BLOCK_R + tl.arange(0, BLOCK_R2)
+            x2 = _load_x(x_ptr, x_col, valid, r2, R, inner, R_CONTIG)
+            ss += tl.sum(x2 * x2, axis=0)
+        inv = 1.0 / (eps + tl.sqrt(ss) * inv_sqrt_r)
+        _store_y(y_ptr, s_ptr, y_col, valid, r, R, inner, x, inv * mult, R_CONTIG, SILU)
+        if BLOCK_R2 > 0:
+            _store_y(y_ptr, s_ptr, y_col, valid, r2, R, inner, x2, inv * mult, R_CONTIG, SILU)
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_I], dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            off = _row_offsets(r, R, inner, R_CONTIG, BLOCK_I)
-            m = (r < R)[:, None] & ivalid[None, :]
-            x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+            x = _load_x(x_ptr, x_col, valid, r0 + tl.arange(0, BLOCK_R), R, inner, R_CONTIG)
             acc += x * x
         inv = 1.0 / (eps + tl.sqrt(tl.sum(acc, axis=0)) * inv_sqrt_r)
         for r0 in range(0, R, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
-            off = _row_offsets(r, R, inner, R_CONTIG, BLOCK_I)
-            m = (r < R)[:, None] & ivalid[None, :]
-            x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-            y = x * (inv * mult)[None, :]
-            tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
-            if SILU:
-                s = y / (1.0 + tl.exp(-y)) * (1.0 / 0.596)
-                tl.store(s_ptr + off, s.to(s_ptr.dtype.element_ty), mask=m)
-    tl.store(inv_ptr + stat, inv, mask=ivalid)
+            x = _load_x(x_ptr, x_col, valid, r, R, inner, R_CONTIG)
+            _store_y(y_ptr, s_ptr, y_col, valid, r, R, inner, x, inv * mult, R_CONTIG, SILU)
+    tl.store(inv_ptr + stat, inv, mask=valid)
 
 
 @triton.jit
-def _incoming_grad(g_ptr, gs_ptr, x, inv, off, m, SILU: tl.constexpr):
+def _incoming_grad(g_ptr, gs_ptr, y_col, valid, r, R, inner, x, inv, R_CONTIG: tl.constexpr, SILU: tl.constexpr):
     """Gradient reaching the normalized tensor y = x * inv (fp32)."""
+    off = _offsets(y_col, r, inner, R_CONTIG)
+    m = (r < R)[:, None] & valid[None, :]
     g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
     if SILU:  # y feeds both outputs: g + g_s * d/dy [silu(y) / 0.596]
         gs = tl.load(gs_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -117,19 +148,26 @@ def _incoming_grad(g_ptr, gs_ptr, x, inv, off, m, SILU: tl.constexpr):
 
 
 @triton.jit
-def _normalize_bwd_kernel(g_ptr, gs_ptr, x_ptr, inv_ptr, gain_ptr, dx_ptr, dgain_ptr, R, inner, num_iblocks,
+def _store_dx(dx_ptr, x_col, valid, r, R, inner, g, x, a, b, R_CONTIG: tl.constexpr):
+    """dx = g * a - x * b per column (written in x's row order)."""
+    m = (r < R)[:, None] & valid[None, :]
+    dx = g * a[None, :] - x * b[None, :]
+    tl.store(dx_ptr + _offsets(x_col, r, inner, R_CONTIG), dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _normalize_bwd_kernel(g_ptr, gs_ptr, x_ptr, inv_ptr, gain_ptr, dx_ptr, dgain_ptr, R, inner, num_iblocks, qkv_d,
                           eps, inv_r, scale,
-                          R_CONTIG: tl.constexpr, SILU: tl.constexpr, GAIN: tl.constexpr,
-                          ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    """dx = mult * (inv*G - x * inv^2 <G,x> / (R*rms)); with GAIN also dgain partial = scale * inv * <G,x> per row."""
+                          R_CONTIG: tl.constexpr, SILU: tl.constexpr, GAIN: tl.constexpr, PERM: tl.constexpr,
+                          ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_R2: tl.constexpr,
+                          BLOCK_I: tl.constexpr):
+    """dx = mult * (inv*G - x * inv^2 <G,x> / (R*rms)); with GAIN also dgain partial = scale * inv * <G,x> per row.
+
+    With PERM the incoming gradient is in the output's (permuted) row order and dx is scattered
+    back to the rows of x (a permutation: every row written once)."""
     pid = tl.program_id(0)
-    base, ivalid, stat = _row_setup(pid, R, inner, num_iblocks, R_CONTIG, BLOCK_I)
-    g_ptr += base
-    x_ptr += base
-    dx_ptr += base
-    if SILU:
-        gs_ptr += base
-    inv = tl.load(inv_ptr + stat, mask=ivalid, other=1.0)
+    x_col, y_col, valid, stat = _columns(pid, R, inner, num_iblocks, qkv_d, R_CONTIG, PERM, BLOCK_I)
+    inv = tl.load(inv_ptr + stat, mask=valid, other=1.0)
     mult = scale
     if GAIN:
         mult = scale * tl.load(gain_ptr).to(tl.float32)
@@ -138,92 +176,137 @@ def _normalize_bwd_kernel(g_ptr, gs_ptr, x_ptr, inv_ptr, gain_ptr, dx_ptr, dgain
     coef = tl.where(rms > 0.0, inv * inv * inv_r / tl.where(rms > 0.0, rms, 1.0), 0.0)
     if ONE_PASS:
         r = tl.arange(0, BLOCK_R)
-        off = _row_offsets(r, R, inner, R_CONTIG, BLOCK_I)
-        m = (r < R)[:, None] & ivalid[None, :]
-        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-        g = _incoming_grad(g_ptr, gs_ptr, x, inv, off, m, SILU)
+        x = _load_x(x_ptr, x_col, valid, r, R, inner, R_CONTIG)
+        g = _incoming_grad(g_ptr, gs_ptr, y_col, valid, r, R, inner, x, inv, R_CONTIG, SILU)
         dot = tl.sum(g * x, axis=0)
-        dx = (g * (inv * mult)[None, :] - x * (coef * dot * mult)[None, :])
-        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        if BLOCK_R2 > 0:
+            r2 = BLOCK_R + tl.arange(0, BLOCK_R2)
+            x2 = _load_x(x_ptr, x_col, valid, r2, R, inner, R_CONTIG)
+            g2 = _incoming_grad(g_ptr, gs_ptr, y_col, valid, r2, R, inner, x2, inv, R_CONTIG, SILU)
+            dot += tl.sum(g2 * x2, axis=0)
+        _store_dx(dx_ptr, x_col, valid, r, R, inner, g, x, inv * mult, coef * dot * mult, R_CONTIG)
+        if BLOCK_R2 > 0:
+            _store_dx(dx_ptr, x_col, valid, r2, R, inner, g2, x2, inv * mult, coef * dot * mult, R_CONTIG)
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_I], dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
-            off = _row_offsets(r, R, inner, R_CONTIG, BLOCK_I)
-            m = (r < R)[:, None] & ivalid[None, :]
-            x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-            g = _incoming_grad(g_ptr, gs_ptr, x, inv, off, m, SILU)
-            acc += g * x
+            x = _load_x(x_ptr, x_col, valid, r, R, inner, R_CONTIG)
+            acc += _incoming_grad(g_ptr, gs_ptr, y_col, valid, r, R, inner, x, inv, R_CONTIG, SILU) * x
         dot = tl.sum(acc, axis=0)
         for r0 in range(0, R, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
-            off = _row_offsets(r, R, inner, R_CONTIG, BLOCK_I)
-            m = (r < R)[:, None] & ivalid[None, :]
-            x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-            g = _incoming_grad(g_ptr, gs_ptr, x, inv, off, m, SILU)
-            dx = (g * (inv * mult)[None, :] - x * (coef * dot * mult)[None, :])
-            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+            x = _load_x(x_ptr, x_col, valid, r, R, inner, R_CONTIG)
+            g = _incoming_grad(g_ptr, gs_ptr, y_col, valid, r, R, inner, x, inv, R_CONTIG, SILU)
+            _store_dx(dx_ptr, x_col, valid, r, R, inner, g, x, inv * mult, coef * dot * mult, R_CONTIG)
     if GAIN:
-        tl.store(dgain_ptr + stat, inv * dot * scale, mask=ivalid)
+        tl.store(dgain_ptr + stat, inv * dot * scale, mask=valid)
 
 
 # --- configurations --------------------------------------------------------------------------
+#
+# Block sizes are chosen in bytes: threads move 16-byte vectors, an NCHW tile row (BLOCK_I
+# contiguous pixels) spans at least a 32-byte sector and at most a 128-byte line, and a row
+# length that is not a power of two is held in registers as two power-of-two chunks
+# (576 = 512 + 64) rather than one mostly masked block. Rows too long for the registers take two
+# passes (the second read mostly from L2), one row per program when rows are contiguous, so a
+# few long rows still spread over many programs.
 
-MAX_ONE_PASS_R = 1024  # rows up to this length stay in registers (EDM2-S has C <= 768)
-BLOCK_RS = (64, 256, 512, 1024)  # few sizes: every one is compiled ahead of time in the tests
-_TILE = {False: 8192, True: 4096}  # elements per program (forward, backward)
-_PER_THREAD = {False: 16, True: 8}  # elements per thread (the backward holds three tiles)
-_TWO_PASS = {True: (1024, 4), False: (64, 64)}  # R_CONTIG -> (BLOCK_R chunk, BLOCK_I)
-
-
-def _blocks(R: int, r_contig: bool, bwd: bool) -> tuple[bool, int, int]:
-    """(ONE_PASS, BLOCK_R, BLOCK_I) for rows of length R."""
-    if R > MAX_ONE_PASS_R:
-        return (False,) + _TWO_PASS[r_contig]
-    block_r = next(b for b in BLOCK_RS if b >= R)
-    tile = _TILE[bwd]
-    # NCHW: at least 8 contiguous pixels per row of the tile (a full 32-byte sector in fp32).
-    block_i = max(1, tile // block_r) if r_contig else min(128, max(8, tile // block_r))
-    return True, block_r, block_i
-
-
-def _all_blocks(r_contig: bool, bwd: bool):
-    return [_blocks(r, r_contig, bwd) for r in BLOCK_RS + (MAX_ONE_PASS_R + 1,)]
+SECTOR_BYTES = 32
+LINE_BYTES = 128
+MIN_BLOCK_R = 64
+MAX_ONE_PASS_R = 2048  # longest padded row a one-pass configuration holds (EDM2 channel counts <= 1792)
+# fp32 values per thread for a tile (forward: x; backward: x and the incoming gradient), nominal and at most.
+_PER_THREAD = {False: 16, True: 8}
+_PER_THREAD_MAX = {False: 32, True: 16}
+MAX_WARPS = 16
+# Second chunks: every EDM2 channel count (multiples of 64 such as 192, 320, 576, 640, 1152) pads by < 25%.
+_CHUNK_PAIRS = tuple((p, p >> k) for p in (128, 256, 512, 1024) for k in (1, 2, 3) if p >> k >= MIN_BLOCK_R)
 
 
-def _warps(block_r: int, block_i: int, bwd: bool) -> int:
-    return max(4, min(16, block_r * block_i // (32 * _PER_THREAD[bwd])))
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def _chunks(R: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_R2): the smallest padded row of one or two power-of-two chunks (fewer chunks on ties)."""
+    best = (max(MIN_BLOCK_R, _pow2_ceil(R)), 0)
+    for a, b in _CHUNK_PAIRS:
+        if R <= a + b < sum(best):
+            best = (a, b)
+    return best
+
+
+def _blocks(R: int, r_contig: bool, bwd: bool, elsize: int) -> tuple[bool, int, int, int, int]:
+    """(ONE_PASS, BLOCK_R, BLOCK_R2, BLOCK_I, num_warps) for rows of length ``R`` of ``elsize``-byte elements.
+
+    Depends on ``R`` only through :func:`_chunks` (and whether the row fits), so :func:`configs` lists
+    every outcome."""
+    nominal = _PER_THREAD[bwd] * 32 * MAX_WARPS  # tile elements at the nominal load per thread
+    most = _PER_THREAD_MAX[bwd] * 32 * MAX_WARPS
+    min_i = 1 if r_contig else SECTOR_BYTES // elsize  # NCHW tile rows: whole sectors
+    max_i = nominal if r_contig else LINE_BYTES // elsize
+    block_r, block_r2 = _chunks(R)
+    total = block_r + block_r2
+    if total > MAX_ONE_PASS_R or total * min_i > most:  # two passes over chunks of the row
+        block_i = min_i if r_contig else max_i
+        return False, nominal // block_i, 0, block_i, _warps(nominal, bwd)
+    block_i = min(max_i, max(min_i, _pow2_floor(nominal // total)))
+    return True, block_r, block_r2, block_i, _warps(total * block_i, bwd)
+
+
+def _warps(tile: int, bwd: bool) -> int:
+    return max(4, min(MAX_WARPS, _pow2_floor(tile // (32 * _PER_THREAD[bwd]))))
+
+
+def _all_blocks(r_contig: bool, bwd: bool, elsize: int):
+    """Every outcome of :func:`_blocks` for these flags."""
+    out = []
+    for R in sorted({sum(_chunks(r)) for r in range(1, MAX_ONE_PASS_R + 1)}) + [MAX_ONE_PASS_R + 1]:
+        b = _blocks(R, r_contig, bwd, elsize)
+        if b not in out:
+            out.append(b)
+    return out
 
 
 @functools.lru_cache(maxsize=None)  # configs are immutable; build each once
-def _fwd_config(r_contig, silu, gain, one_pass, block_r, block_i, xd, yd):
+def _fwd_config(r_contig, silu, gain, perm, one_pass, block_r, block_r2, block_i, warps, xd, yd):
     ptrs = dict(x_ptr=xd, y_ptr=yd, s_ptr=yd if silu else xd, inv_ptr="fp32", gain_ptr="fp32" if gain else xd)
     return C.make_config(_normalize_fwd_kernel, ptrs=ptrs, floats=("eps", "inv_sqrt_r", "scale"),
-                         constexprs=dict(R_CONTIG=r_contig, SILU=silu, GAIN=gain, ONE_PASS=one_pass,
-                                         BLOCK_R=block_r, BLOCK_I=block_i),
-                         num_warps=_warps(block_r, block_i, False), num_stages=1)
+                         constexprs=dict(R_CONTIG=r_contig, SILU=silu, GAIN=gain, PERM=perm, ONE_PASS=one_pass,
+                                         BLOCK_R=block_r, BLOCK_R2=block_r2, BLOCK_I=block_i),
+                         num_warps=warps, num_stages=1)
 
 
 @functools.lru_cache(maxsize=None)  # configs are immutable; build each once
-def _bwd_config(r_contig, silu, gain, one_pass, block_r, block_i, xd, gd):
+def _bwd_config(r_contig, silu, gain, perm, one_pass, block_r, block_r2, block_i, warps, xd, gd):
     ptrs = dict(g_ptr=gd, gs_ptr=gd if silu else gd, x_ptr=xd, inv_ptr="fp32", gain_ptr="fp32" if gain else xd,
                 dx_ptr=xd, dgain_ptr="fp32" if gain else xd)
     return C.make_config(_normalize_bwd_kernel, ptrs=ptrs, floats=("eps", "inv_r", "scale"),
-                         constexprs=dict(R_CONTIG=r_contig, SILU=silu, GAIN=gain, ONE_PASS=one_pass,
-                                         BLOCK_R=block_r, BLOCK_I=block_i),
-                         num_warps=_warps(block_r, block_i, True), num_stages=1)
+                         constexprs=dict(R_CONTIG=r_contig, SILU=silu, GAIN=gain, PERM=perm, ONE_PASS=one_pass,
+                                         BLOCK_R=block_r, BLOCK_R2=block_r2, BLOCK_I=block_i),
+                         num_warps=warps, num_stages=1)
+
+
+def elsize(*dtypes: torch.dtype) -> int:
+    """Bytes of the narrowest element type a launch moves (it sets the vector width)."""
+    return min(torch.empty((), dtype=d).element_size() for d in dtypes)
 
 
 @C.declare_configs
 def configs():
-    """Normalize / pixel norm (+ MP-SiLU): both layouts, every block size, every dtype."""
+    """Normalize / pixel norm (+ MP-SiLU): both layouts, every block choice, every dtype."""
     for d in C.DTYPES:
         for r_contig in (False, True):
             for silu in (False, True):
-                for blk in _all_blocks(r_contig, False):
-                    yield _fwd_config(r_contig, silu, False, *blk, d, d)
-                for blk in _all_blocks(r_contig, True):
-                    yield _bwd_config(r_contig, silu, False, *blk, d, d)
+                for blk in _all_blocks(r_contig, False, elsize(d)):
+                    yield _fwd_config(r_contig, silu, False, False, *blk, d, d)
+                for blk in _all_blocks(r_contig, True, elsize(d)):
+                    yield _bwd_config(r_contig, silu, False, False, *blk, d, d)
 
 
 # --- launchers -----------------------------------------------------------------------------
@@ -236,10 +319,11 @@ def _grid(outer, R, inner, block_i, r_contig):
 
 
 def normalize_forward(x3: torch.Tensor, eps: float, silu: bool = False, *, out_dtype=None, scale: float = 1.0,
-                      gain: torch.Tensor | None = None, blocks=None):
+                      gain: torch.Tensor | None = None, qkv_d: int = 0, blocks=None):
     """Launch the forward kernel on a contiguous ``[outer, R, inner]`` tensor.
 
-    Returns ``(y, s or None, inv)``; ``inv`` is fp32 ``[outer, 1, inner]``.
+    Returns ``(y, s or None, inv)``; ``inv`` is fp32 ``[outer, 1, inner]``. ``qkv_d > 0`` (rows only,
+    ``inner == 1``): output row ``head*3*D + j*D + d`` normalizes input row ``head*3*D + 3*d + j``.
     """
     x3 = x3.contiguous()  # no-op on the views the public entry points build
     outer, R, inner = x3.shape
@@ -247,16 +331,16 @@ def normalize_forward(x3: torch.Tensor, eps: float, silu: bool = False, *, out_d
     y = torch.empty(x3.shape, dtype=out_dtype or x3.dtype, device=x3.device)
     s = torch.empty_like(x3) if silu else None
     inv = torch.empty((outer, 1, inner), dtype=torch.float32, device=x3.device)
-    one_pass, block_r, block_i = blocks or _blocks(R, r_contig, False)
-    cfg = _fwd_config(r_contig, silu, gain is not None, one_pass, block_r, block_i, x3.dtype, y.dtype)
-    grid, inner_arg, nib = _grid(outer, R, inner, block_i, r_contig)
+    blk = blocks or _blocks(R, r_contig, False, elsize(x3.dtype, y.dtype))
+    cfg = _fwd_config(r_contig, silu, gain is not None, qkv_d > 0, *blk, x3.dtype, y.dtype)
+    grid, inner_arg, nib = _grid(outer, R, inner, blk[3], r_contig)
     C.launch(cfg, grid, x3, y, s if silu else x3, inv, gain if gain is not None else x3, R, inner_arg, nib,
-             float(eps), 1.0 / math.sqrt(R), float(scale))
+             max(qkv_d, 1), float(eps), 1.0 / math.sqrt(R), float(scale))
     return y, s, inv
 
 
 def normalize_backward(g: torch.Tensor, gs: torch.Tensor | None, x3: torch.Tensor, inv: torch.Tensor, eps: float,
-                       *, scale: float = 1.0, gain: torch.Tensor | None = None, blocks=None):
+                       *, scale: float = 1.0, gain: torch.Tensor | None = None, qkv_d: int = 0, blocks=None):
     """Launch the backward kernel; returns ``(dx, dgain_rows or None)`` (``dx`` in ``x3.dtype``)."""
     x3 = x3.contiguous()
     outer, R, inner = x3.shape
@@ -267,11 +351,11 @@ def normalize_backward(g: torch.Tensor, gs: torch.Tensor | None, x3: torch.Tenso
         gs = gs.to(g.dtype)
     dx = torch.empty_like(x3)
     dgain = torch.empty((outer * inner,), dtype=torch.float32, device=x3.device) if gain is not None else None
-    one_pass, block_r, block_i = blocks or _blocks(R, r_contig, True)
-    cfg = _bwd_config(r_contig, gs is not None, gain is not None, one_pass, block_r, block_i, x3.dtype, g.dtype)
-    grid, inner_arg, nib = _grid(outer, R, inner, block_i, r_contig)
+    blk = blocks or _blocks(R, r_contig, True, elsize(x3.dtype, g.dtype))
+    cfg = _bwd_config(r_contig, gs is not None, gain is not None, qkv_d > 0, *blk, x3.dtype, g.dtype)
+    grid, inner_arg, nib = _grid(outer, R, inner, blk[3], r_contig)
     C.launch(cfg, grid, g, gs if gs is not None else g, x3, inv, gain if gain is not None else x3, dx,
-             dgain if dgain is not None else x3, R, inner_arg, nib, float(eps), 1.0 / R, float(scale))
+             dgain if dgain is not None else x3, R, inner_arg, nib, max(qkv_d, 1), float(eps), 1.0 / R, float(scale))
     return dx, dgain
 
 

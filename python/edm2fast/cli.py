@@ -16,9 +16,10 @@ COMMANDS = {
     "generate": "sample images with the EDM2 Heun sampler (guidance, autoguidance)",
     "phema": "reconstruct EMA networks of any length post hoc from snapshots",
     "convert": "convert the authors' released pickles to safetensors, executing no code",
-    "dataset": "pack an image folder into a zip dataset (center-crop, resize)",
+    "dataset": "make datasets: convert images (crop, resize), encode to / decode from VAE latents",
     "eval": "evaluate samples of a digits model: class accuracy and Frechet distance",
     "sweep": "post-hoc EMA sweep: reconstruct, sample, evaluate and plot vs sigma_rel",
+    "metrics": "FID and FD_DINOv2 as in the paper: reference statistics, image folders, generate-and-evaluate",
 }
 
 

@@ -5,7 +5,8 @@ on the real images (deterministically, then cached on disk) gives
 
 1. the accuracy of class-conditional samples: the fraction classified as the requested class;
 2. the Frechet distance (as in FID) between real and generated images in the feature space of
-   its penultimate layer: ``|mu_r - mu_g|^2 + tr(S_r + S_g - 2 (S_r^1/2 S_g S_r^1/2)^1/2)``.
+   its penultimate layer: ``|mu_r - mu_g|^2 + tr(S_r + S_g - 2 (S_r S_g)^1/2)``, computed by
+   the same float64 code as FID (:func:`edm2fast.metrics.frechet_distance`).
 
 Every image is classified at 16x16 (32 px inputs are average-pooled 2x2), so one classifier
 serves both resolutions. Images are float tensors in [-1, 1], ``[N, 1, H, W]``.
@@ -19,6 +20,8 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .metrics import frechet_distance  # the FID code path: float64, SciPy sqrtm
 
 __all__ = [
     "DigitsClassifier", "load_classifier", "default_cache_dir", "real_digits", "classify", "features",
@@ -231,27 +234,6 @@ def feature_statistics(feats) -> tuple[np.ndarray, np.ndarray]:
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"features: need at least 2 samples of shape [N, D], got {f.shape}")
     return f.mean(0), np.cov(f, rowvar=False)
-
-
-def _sqrt_psd(m: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((m + m.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2)`` (Gaussian W2^2).
-
-    The matrix square roots use ``eigh`` of symmetric products, so no complex parts appear.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise ValueError(f"statistics: shapes differ ({mu1.shape}, {s1.shape}) vs ({mu2.shape}, {s2.shape})")
-    r1 = _sqrt_psd(s1)
-    cross = np.linalg.eigvalsh(r1 @ s2 @ r1)
-    tr_cross = float(np.sqrt(np.clip(cross, 0, None)).sum())
-    d = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_cross)
-    return max(d, 0.0)
 
 
 _REAL_STATS: dict[tuple, tuple] = {}

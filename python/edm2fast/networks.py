@@ -72,7 +72,10 @@ class Block(torch.nn.Module):
         if self.num_heads == 0:
             return self._residual_sum(x, y, self.res_balance)  # clip only after the last sum (spec §2 step 7)
         x = mk.mp_sum(x, y, self.res_balance)
-        y = self.attn_proj(mk.cosine_attention(self.attn_qkv(x), self.num_heads))
+        # The qkv weight's rows come out head-contiguous (the parameter keeps the release's
+        # interleaved order): the same attention, read as contiguous q, k, v tiles.
+        qkv = self.attn_qkv(x, qkv_heads=self.num_heads)
+        y = self.attn_proj(mk.cosine_attention(qkv, self.num_heads, layout="head_contiguous"))
         return self._residual_sum(x, y, self.attn_balance)
 
 

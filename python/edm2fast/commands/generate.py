@@ -7,10 +7,12 @@ Examples::
     edm2fast generate --net big.safetensors --gnet small.safetensors --guidance 2.0 --seeds 0-15 --outdir out/ag
 
 Every image has its own seed (``--seeds 0-63``, ``0,5,9``, ``0-9,100-109``), so it does not
-depend on the batch it is drawn in. Pixel models write ``<seed:06d>.png``, a grid image and
-``samples.json`` (seed -> class). Latent models (4-channel VAE latents) write
-``latents.npy`` in the VAE's own scale instead: decoding needs the Stable Diffusion VAE,
-which is not available offline.
+depend on the batch it is drawn in. Every run writes ``<seed:06d>.png``, a grid image and
+``samples.json`` (seed -> class). Latent models (the img512 presets: 4-channel latents) are
+decoded to PNGs with the sd-vae-ft-mse VAE as the release does (``--vae DIR|ID``; needs
+``pip install 'mpkernels[latent]'`` and the weights in a folder or the Hugging Face cache,
+``--download`` fetches them); ``--no-decode`` writes the raw latents to ``latents.npy``
+(the VAE's own scale) instead.
 """
 
 from __future__ import annotations
@@ -25,14 +27,10 @@ import numpy as np
 import torch
 
 from ..cli import UserError
+from .dataset import add_vae_arguments, open_vae
 from .train import nonneg_float, nonneg_int, positive_float, positive_int
 
 DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
-
-# Spec §5: VAE latents are stored as (z - raw_mean) / raw_std * 0.5.
-_LATENT_RAW_MEAN = [5.81, 3.25, 0.12, -2.15]
-_LATENT_RAW_STD = [4.17, 4.62, 3.71, 3.28]
-_LATENT_FINAL_STD = 0.5
 
 
 def parse_seeds(value: str) -> list[int]:
@@ -193,19 +191,34 @@ def is_latent_model(net) -> bool:
 
 def latents_to_vae_scale(x: torch.Tensor) -> torch.Tensor:
     """Undo spec §5's latent scaling: ``z = x / 0.5 * raw_std + raw_mean`` (what the VAE decodes)."""
-    mean = torch.tensor(_LATENT_RAW_MEAN).reshape(1, -1, 1, 1)
-    std = torch.tensor(_LATENT_RAW_STD).reshape(1, -1, 1, 1)
-    return x / _LATENT_FINAL_STD * std + mean
+    from ..data import model_to_latents
+    return model_to_latents(x)
+
+
+def samples_to_uint8(images: torch.Tensor, vae=None, batch: int | None = None) -> np.ndarray:
+    """Model-space samples -> uint8 ``[N, H, W, C]``: pixels ``x * 127.5 + 128``; latents through
+    ``vae`` (an :class:`edm2fast.vae.VAE`: the release's decode, ``clamp(0, 1) * 255``)."""
+    if vae is None:
+        return to_uint8(images)
+    return vae.decode(images, batch_size=batch).permute(0, 2, 3, 1).numpy()
+
+
+LATENT_GRID_MAX = 64  # decoded latent models: the grid shows the first 64 images (512 px each)
 
 
 def write_samples(images: torch.Tensor, seeds, classes, outdir: str, latent: bool, grid: str | None = None,
-                  grid_cols: int | None = None, write_images: bool = True) -> dict:
-    """Write PNGs + grid + samples.json (pixels) or latents.npy (latents); returns what was written."""
+                  grid_cols: int | None = None, write_images: bool = True, vae=None) -> dict:
+    """Write PNGs + grid + samples.json; returns what was written.
+
+    Latent samples are decoded with ``vae`` when given (a chunk at a time, so 50k images never
+    sit in memory as pixels; the grid then shows the first ``LATENT_GRID_MAX``), else written
+    raw to ``latents.npy``.
+    """
     from .. import io as edm_io
     os.makedirs(outdir, exist_ok=True)
     written = {"outdir": outdir}
     info = {"seeds": list(seeds), "classes": classes}
-    if latent:
+    if latent and vae is None:
         path = os.path.join(outdir, "latents.npy")
         z = latents_to_vae_scale(images).numpy().astype(np.float32)
         with edm_io.atomic_path(path) as tmp:
@@ -214,12 +227,19 @@ def write_samples(images: torch.Tensor, seeds, classes, outdir: str, latent: boo
         written["latents"] = path
         info["latents"] = "latents.npy: [N, 4, H, W] in the sd-vae-ft-mse latent scale (decode with that VAE)"
     else:
-        if images.shape[1] not in (1, 3):
+        if not latent and images.shape[1] not in (1, 3):
             raise UserError(f"cannot write {images.shape[1]}-channel images as PNG")
-        arr = to_uint8(images)
-        if write_images:
-            for k, s in enumerate(seeds):
-                save_png(arr[k], os.path.join(outdir, f"{s:06d}.png"))
+        chunk = max(1, vae.batch_size) * 4 if latent else len(seeds)
+        grid_images = []
+        for start in range(0, len(seeds), chunk):
+            arr = samples_to_uint8(images[start:start + chunk], vae if latent else None)
+            if write_images:
+                for k, s in enumerate(seeds[start:start + chunk]):
+                    save_png(arr[k], os.path.join(outdir, f"{s:06d}.png"))
+            room = LATENT_GRID_MAX - sum(len(a) for a in grid_images) if latent else len(arr)
+            if room > 0:
+                grid_images.append(arr[:room])
+        arr = np.concatenate(grid_images)
         grid_path = grid or os.path.join(outdir, "grid.png")
         scale = max(1, 128 // arr.shape[1])
         save_png(make_grid(arr, grid_cols), grid_path, scale=scale)
@@ -258,6 +278,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                         help="compute precision (default: the snapshot's on CUDA, fp32 on CPU)")
     parser.add_argument("--backend", default="auto", help="mpkernels backend (default: auto)")
+    g = parser.add_argument_group("latent models")
+    g.add_argument("--no-decode", action="store_true",
+                   help="write the raw latents (latents.npy, the VAE's scale) instead of decoding them to PNGs")
+    add_vae_arguments(g, "the decoder", dtype_flag="--vae-dtype")
 
 
 def _device(name):
@@ -296,6 +320,13 @@ def run(args) -> int:
     classes = class_labels_for(net, args.seeds, args.class_idx)
     if args.sigma_min >= args.sigma_max:
         raise UserError(f"--sigma-min {args.sigma_min} must be below --sigma-max {args.sigma_max}")
+    latent = is_latent_model(net)
+    vae = None
+    if latent and not args.no_decode:  # before sampling: a missing VAE should not cost a whole run
+        vae = open_vae(args, device, batch_size=min(args.batch, 16))
+        if vae.latent_channels != net.img_channels:
+            raise UserError(f"--vae: {vae.name} has {vae.latent_channels} latent channels, the network makes "
+                            f"{net.img_channels} (or pass --no-decode)")
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(args.seeds), unit="img", leave=False)
@@ -309,12 +340,11 @@ def run(args) -> int:
     finally:
         if bar is not None:
             bar.close()
-    latent = is_latent_model(net)
     written = write_samples(images, args.seeds, classes, args.outdir, latent, grid=args.grid,
-                            grid_cols=args.grid_cols, write_images=not args.no_images)
-    if latent:
-        print(f"wrote {len(args.seeds)} latents to {written['latents']} (latent model: no VAE decoder is "
-              "available offline; decode them with the sd-vae-ft-mse VAE)")
+                            grid_cols=args.grid_cols, write_images=not args.no_images, vae=vae)
+    if latent and vae is None:
+        print(f"wrote {len(args.seeds)} raw latents to {written['latents']} (--no-decode: decode them with "
+              "the sd-vae-ft-mse VAE, e.g. edm2fast.vae.load_vae(...).decode_raw)")
     else:
         print(f"wrote {written['images']} images and {written['grid']} to {args.outdir}")
     return 0
