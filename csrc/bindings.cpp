@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "launch_shapes.h"
 #include "mp_kernels.h"
 
 namespace {
@@ -259,6 +260,19 @@ std::vector<Tensor> modulated_mp_silu_bwd(const Tensor& grad, const Tensor& y, c
 // pixel_norm (with_silu: pixel_norm_mp_silu). Returns [xn, rms] or [xn, y, rms]; rms: fp32,
 // shape x.shape without dim 1, contiguous.
 
+// fp32 workspace of the NCHW CUDA kernels when they split the channels over blocks (undefined
+// on CPU and when not needed).
+Tensor pixel_norm_workspace(const Tensor& x, const mpk::NCL& s, bool forward) {
+#if defined(MPK_WITH_CUDA)
+  if (x.is_cuda()) {
+    const int64_t n = mpk::cuda::pixel_norm_workspace(dtype_of(x, "x"), s, forward, x.get_device());
+    if (n > 0) return at::empty({n}, x.options().dtype(at::kFloat));
+  }
+#endif
+  (void)x, (void)s, (void)forward;
+  return Tensor();
+}
+
 std::vector<Tensor> pixel_norm_fwd(const Tensor& x, double eps, bool with_silu) {
   check_tensor(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 2, "x: expected at least 2 dims (N, C, ...), got shape ", x.sizes());
@@ -282,8 +296,9 @@ std::vector<Tensor> pixel_norm_fwd(const Tensor& x, double eps, bool with_silu) 
     return result();
   }
   const Tensor xx = laid_out_like(x, xn);
+  const Tensor ws = pixel_norm_workspace(x, s, true);
   MPK_LAUNCH(x, pixel_norm_fwd, dtype_of(x, "x"), s, xx.data_ptr(), xn.data_ptr(), with_silu ? y.data_ptr() : nullptr,
-             rms.data_ptr<float>(), e);
+             rms.data_ptr<float>(), e, ws.defined() ? ws.data_ptr<float>() : nullptr);
   return result();
 }
 
@@ -310,8 +325,9 @@ Tensor pixel_norm_bwd(const OptTensor& grad_xn, const OptTensor& grad_y, const T
   auto like_gx = [&](const OptTensor& t) -> OptTensor { return t ? OptTensor(laid_out_like(*t, gx)) : std::nullopt; };
   const OptTensor gg1 = like_gx(g1), gg2 = like_gx(g2);
   const Tensor xx = laid_out_like(x, gx), r = rms.contiguous();
+  const Tensor ws = pixel_norm_workspace(x, s, false);
   MPK_LAUNCH(x, pixel_norm_bwd, dtype_of(x, "x"), s, ptr_or_null(gg1), ptr_or_null(gg2), xx.data_ptr(),
-             r.data_ptr<float>(), gx.data_ptr(), e);
+             r.data_ptr<float>(), gx.data_ptr(), e, ws.defined() ? ws.data_ptr<float>() : nullptr);
   return gx;
 }
 
@@ -477,5 +493,41 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mp_weight_bwd", &mp_weight_bwd, py::arg("grad"), py::arg("w"), py::arg("gain_t"), py::arg("rms"),
         py::arg("gain"), py::arg("eps"));
   m.def("force_normalize_", &force_normalize_, py::arg("tensors"), py::arg("eps"));
+  // Launch-shape heuristics of the CUDA kernels (csrc/launch_shapes.h), for tests without a GPU.
+  m.def(
+      "_grid_for", [](int64_t work, int threads) { return mpk::launch::grid_for(work, threads); }, py::arg("work"),
+      py::arg("threads"));
+  m.def(
+      "_plan_pixel_norm_nchw",
+      [](int64_t N, int64_t C, int64_t L, int unit, int elem_bytes, int sm_count, int64_t smem_budget, bool forward) {
+        TORCH_CHECK_VALUE(N > 0 && C > 0 && L > 0, "N, C, L: must be positive");
+        TORCH_CHECK_VALUE(unit == 1 || unit == 8, "unit: must be 1 or 8, got ", unit);
+        TORCH_CHECK_VALUE(elem_bytes == 2 || elem_bytes == 4, "elem_bytes: must be 2 or 4, got ", elem_bytes);
+        const auto p = mpk::launch::plan_pixel_norm_nchw(N, C, L, unit, elem_bytes, sm_count, smem_budget, forward);
+        py::dict d;
+        d["px"] = p.px;
+        d["tiles"] = p.tiles;
+        d["splits"] = p.splits;
+        d["chunk"] = p.chunk;
+        d["cache"] = p.cache;
+        d["smem"] = p.smem;
+        d["blocks"] = p.blocks;
+        return d;
+      },
+      py::arg("N"), py::arg("C"), py::arg("L"), py::arg("unit"), py::arg("elem_bytes"), py::arg("sm_count"),
+      py::arg("smem_budget"), py::arg("forward"));
+  m.def(
+      "_plan_modulated_rows",
+      [](int64_t N, int64_t C, int64_t L, int unit) {
+        TORCH_CHECK_VALUE(N > 0 && C > 0 && L > 0, "N, C, L: must be positive");
+        TORCH_CHECK_VALUE(unit == 1 || unit == 8, "unit: must be 1 or 8, got ", unit);
+        const auto p = mpk::launch::plan_modulated_rows(N, C, L, unit);
+        py::dict d;
+        d["row_threads"] = p.row_threads;
+        d["rows_per_block"] = p.rows_per_block;
+        d["blocks"] = p.blocks;
+        return d;
+      },
+      py::arg("N"), py::arg("C"), py::arg("L"), py::arg("unit"));
   m.def("ema_lerp_", &ema_lerp_, py::arg("ema_tensors"), py::arg("tensors"), py::arg("weight"));
 }

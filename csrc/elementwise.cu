@@ -180,6 +180,16 @@ __global__ void __launch_bounds__(kRowThreads)
   if (active && lane == 0) store_any(gc, cdt, n * gcsN + ch * gcsC, acc);
 }
 
+template <typename T, int U, typename... Args>
+void launch_rows(const launch::ModulatedRowsPlan& plan, cudaStream_t stream, Args... args) {
+  const unsigned grid = static_cast<unsigned>(plan.blocks);
+  switch (plan.row_threads) {
+    case 8: modulated_bwd_rows_kernel<T, U, 8><<<grid, kRowThreads, 0, stream>>>(args...); break;
+    case 32: modulated_bwd_rows_kernel<T, U, 32><<<grid, kRowThreads, 0, stream>>>(args...); break;
+    default: modulated_bwd_rows_kernel<T, U, kRowThreads><<<grid, kRowThreads, 0, stream>>>(args...);
+  }
+}
+
 // channels_last backward: block (32 x 8) = 32 channel units x 8 pixel rows over a chunk of
 // kChunk pixels; per-chunk partial sums of gc go to a workspace [N, chunks, C], summed by
 // modulated_gc_sum_kernel in a fixed order (deterministic, no atomics).
@@ -314,22 +324,14 @@ void modulated_mp_silu_bwd(DType dt, const NCL& s, const void* g, const void* y,
   const bool vec = rows_vectorizable(s, clast, {g, y, gy});
   if (!clast) {
     const launch::ModulatedRowsPlan plan = launch::plan_modulated_rows(s.N, s.C, s.L, vec ? kUnit : 1);
-    const unsigned grid = static_cast<unsigned>(plan.blocks);
     MPK_CUDA_DISPATCH(dt, T, {
       const T* gp = static_cast<const T*>(g);
       const T* yp = static_cast<const T*>(y);
       T* gyp = static_cast<T*>(gy);
-#define MPK_ROWS_LAUNCH(U, RT) \
-  modulated_bwd_rows_kernel<T, U, RT><<<grid, kRowThreads, 0, stream>>>(s, gp, yp, c, cdt, csN, csC, gyp, gc, gcsN, gcsC)
-      switch (plan.row_threads * (vec ? 1 : -1)) {
-        case 8: MPK_ROWS_LAUNCH(kUnit, 8); break;
-        case 32: MPK_ROWS_LAUNCH(kUnit, 32); break;
-        case kRowThreads: MPK_ROWS_LAUNCH(kUnit, kRowThreads); break;
-        case -8: MPK_ROWS_LAUNCH(1, 8); break;
-        case -32: MPK_ROWS_LAUNCH(1, 32); break;
-        default: MPK_ROWS_LAUNCH(1, kRowThreads);
-      }
-#undef MPK_ROWS_LAUNCH
+      if (vec)
+        launch_rows<T, kUnit>(plan, stream, s, gp, yp, c, cdt, csN, csC, gyp, gc, gcsN, gcsC);
+      else
+        launch_rows<T, 1>(plan, stream, s, gp, yp, c, cdt, csN, csC, gyp, gc, gcsN, gcsC);
     });
     MPK_CHECK_LAUNCH("modulated_mp_silu_bwd");
     return;

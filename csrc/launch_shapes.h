@@ -53,8 +53,8 @@ inline PixelNormPlan plan_pixel_norm_nchw(int64_t N, int64_t C, int64_t L, int u
   while (min_px < 8 && min_px * unit * elem_bytes < 32) min_px *= 2;
   auto smem_for = [&](int px) {
     const int64_t tw = static_cast<int64_t>(px) * unit;
-    const int64_t groups = kPixelNormThreads / px;
-    return (groups + 1) * tw * 4 + C * tw * elem_bytes;  // partial sums, 1/(eps+rms), the tile
+    // partial sums [256 * unit], reduction scratch [256], 1 / (eps + rms) [tw], the tile [C][tw]
+    return (kPixelNormThreads * unit + kPixelNormThreads + tw) * 4 + C * tw * elem_bytes;
   };
   p.px = 8;
   if (forward)  // narrower tiles until the tile fits in shared memory: x is then read once
@@ -71,7 +71,7 @@ inline PixelNormPlan plan_pixel_norm_nchw(int64_t N, int64_t C, int64_t L, int u
   if (forward && p.splits == 1) {
     p.cache = smem_for(p.px) <= smem_budget;
     const int64_t tw = static_cast<int64_t>(p.px) * unit;
-    p.smem = p.cache ? smem_for(p.px) : (kPixelNormThreads / p.px + 1) * tw * 4;
+    p.smem = p.cache ? smem_for(p.px) : (kPixelNormThreads * unit + kPixelNormThreads + tw) * 4;
   }
   return p;
 }

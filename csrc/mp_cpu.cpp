@@ -199,13 +199,14 @@ void modulated_mp_silu_bwd(DType dt, const NCL& s, const void* g, const void* y,
   MPK_CPU_ISA_CALL(modulated_mp_silu_bwd, dt, s, g, y, c, cdt, csN, csC, gy, gc, gcsN, gcsC, workspace)
 }
 
-void pixel_norm_fwd(DType dt, const NCL& s, const void* x, void* xn, void* y, float* rms, float eps) {
-  MPK_CPU_ISA_CALL(pixel_norm_fwd, dt, s, x, xn, y, rms, eps)
+void pixel_norm_fwd(DType dt, const NCL& s, const void* x, void* xn, void* y, float* rms, float eps,
+                    float* /*workspace*/) {
+  MPK_CPU_ISA_CALL(pixel_norm_fwd, dt, s, x, xn, y, rms, eps, nullptr)
 }
 
 void pixel_norm_bwd(DType dt, const NCL& s, const void* gxn, const void* gy, const void* x, const float* rms,
-                    void* gx, float eps) {
-  MPK_CPU_ISA_CALL(pixel_norm_bwd, dt, s, gxn, gy, x, rms, gx, eps)
+                    void* gx, float eps, float* /*workspace*/) {
+  MPK_CPU_ISA_CALL(pixel_norm_bwd, dt, s, gxn, gy, x, rms, gx, eps, nullptr)
 }
 
 void mp_weight_fwd(DType dt, int64_t rows, int64_t len, const void* w, const void* gain_ptr, DType gdt, float gain,

@@ -436,13 +436,14 @@ void modulated_mp_silu_bwd(DType dt, const NCL& s, const void* g, const void* y,
                                              csC, static_cast<T*>(gy), gc, gcsN, gcsC));
 }
 
-void pixel_norm_fwd(DType dt, const NCL& s, const void* x, void* xn, void* y, float* rms, float eps) {
+void pixel_norm_fwd(DType dt, const NCL& s, const void* x, void* xn, void* y, float* rms, float eps,
+                    float* /*workspace*/) {
   MPK_CPU_DISPATCH(dt, T, pixel_norm_fwd_t<T>(s, static_cast<const T*>(x), static_cast<T*>(xn),
                                               static_cast<T*>(y), rms, eps));
 }
 
 void pixel_norm_bwd(DType dt, const NCL& s, const void* gxn, const void* gy, const void* x, const float* rms,
-                    void* gx, float eps) {
+                    void* gx, float eps, float* /*workspace*/) {
   MPK_CPU_DISPATCH(dt, T, pixel_norm_bwd_t<T>(s, static_cast<const T*>(gxn), static_cast<const T*>(gy),
                                               static_cast<const T*>(x), rms, static_cast<T*>(gx), eps));
 }

@@ -61,12 +61,13 @@ struct LerpPair {
   void modulated_mp_silu_bwd(DType dt, const NCL& s, const void* g, const void* y, const void* c,   \
                              DType cdt, int64_t csN, int64_t csC, void* gy, void* gc, int64_t gcsN, \
                              int64_t gcsC, float* workspace __VA_ARGS__);                           \
-  /* xn = x / (eps + rms) over C; y = mp_silu(xn) when y != nullptr; rms: [N, L] contiguous */      \
+  /* xn = x / (eps + rms) over C; y = mp_silu(xn) when y != nullptr; rms: [N, L] contiguous; */    \
+  /* `workspace` holds pixel_norm_workspace(dt, s, true, device) floats (CUDA only) */              \
   void pixel_norm_fwd(DType dt, const NCL& s, const void* x, void* xn, void* y, float* rms,         \
-                      float eps __VA_ARGS__);                                                       \
+                      float eps, float* workspace __VA_ARGS__);                                     \
   /* gxn / gy may be nullptr (no gradient); gy != nullptr means the mp_silu output was used */      \
   void pixel_norm_bwd(DType dt, const NCL& s, const void* gxn, const void* gy, const void* x,      \
-                      const float* rms, void* gx, float eps __VA_ARGS__);                           \
+                      const float* rms, void* gx, float eps, float* workspace __VA_ARGS__);         \
   /* out (fp32) = w / (eps + rms_row) * gain / sqrt(len); gain = *gain_ptr (dtype gdt) if given */  \
   void mp_weight_fwd(DType dt, int64_t rows, int64_t len, const void* w, const void* gain_ptr,      \
                      DType gdt, float gain, float eps, float* out, float* rms __VA_ARGS__);         \
@@ -91,6 +92,9 @@ namespace cuda {
 MPK_DECLARE_LAUNCHERS(, cudaStream_t stream)
 // Number of floats modulated_mp_silu_bwd needs as workspace for shape `s`.
 int64_t modulated_mp_silu_bwd_workspace(const NCL& s);
+// Number of floats pixel_norm_fwd (forward) / pixel_norm_bwd need as workspace on `device`
+// (NCHW shapes whose grid is split over channels; 0 otherwise).
+int64_t pixel_norm_workspace(DType dt, const NCL& s, bool forward, int device);
 }  // namespace cuda
 #endif
 

@@ -37,7 +37,7 @@ def pipeline(tmp_path_factory):
     assert cli.main(["dataset", "convert", "--source", str(root / "src"), "--dest", str(root / "img.zip"),
                      "--transform", "center-crop-dhariwal", "--resolution", "16x16", "--no-progress"]) == 0
     assert cli.main(["dataset", "encode", "--source", str(root / "img.zip"), "--dest", str(root / "lat.zip"),
-                     "--vae", str(vae_dir), "--device", "cpu", "--batch", "4", "--no-progress"]) == 0
+                     "--vae", str(vae_dir), "--device", "cpu", "--batch", "4", "--workers", "0", "--no-progress"]) == 0
     return root, vae_dir
 
 
@@ -66,7 +66,7 @@ def test_decode_round_trip_keeps_count_order_and_labels(pipeline, tmp_path, caps
     root, vae_dir = pipeline
     dest = tmp_path / "decoded"
     assert cli.main(["dataset", "decode", "--source", str(root / "lat.zip"), "--dest", str(dest),
-                     "--vae", str(vae_dir), "--device", "cpu", "--no-progress"]) == 0
+                     "--vae", str(vae_dir), "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
     assert "6 images (16x16x3)" in capsys.readouterr().out
     latents, decoded = data.open_dataset(root / "lat.zip"), data.open_dataset(dest)
     assert len(decoded) == 6 and decoded.image_shape == (3, 16, 16)

@@ -41,7 +41,7 @@ CSRC = os.path.join(ROOT, "csrc")
 
 CPP_SOURCES = ("bindings.cpp", "mp_cpu.cpp")
 CUDA_SOURCES = ("elementwise.cu", "norms.cu", "weights.cu")
-HEADERS = ("mp_kernels.h", "mp_math.h", "mp_cpu_impl.h", "cuda_common.cuh")
+HEADERS = ("mp_kernels.h", "mp_math.h", "mp_cpu_impl.h", "cuda_common.cuh", "launch_shapes.h")
 
 # (compute capability, PTX too): sm_80 (A100), sm_86 (RTX 30xx, A40), sm_89 (L40, RTX 40xx),
 # sm_90 (H100/H200) and compute_90 PTX for anything newer.
