@@ -14,9 +14,12 @@ from setuptools import find_packages, setup
 def _extension_kwargs() -> dict:
     """The compiled extension (``csrc/``, module ``mpkernels.cuda._C``) when it can be built.
 
-    Built when nvcc and a CUDA build of torch are present; ``MPKERNELS_BUILD_EXT=1`` forces it
-    (failing loudly if it cannot), ``0`` skips it. Without it, ``mpkernels.cuda.build()`` compiles
-    it just in time. The logic lives in ``mpkernels/cuda/_build.py`` (loaded by path here).
+    Never fails the install by default: a missing or mismatched toolchain (nvcc whose CUDA major
+    version differs from torch's, no ninja, a CPU-only torch) or a compile error skips the
+    extension, with the reason on stderr (``pip install -v`` shows it). ``MPKERNELS_BUILD_EXT=1``
+    or ``MPKERNELS_REQUIRE_EXT=1`` make that an error, ``MPKERNELS_BUILD_EXT=0`` skips it. Without
+    it, ``mpkernels.cuda.build()`` compiles it just in time. The logic lives in
+    ``mpkernels/cuda/_build.py`` (loaded by path here).
     """
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpkernels", "cuda", "_build.py")
     spec = importlib.util.spec_from_file_location("_mpkernels_build", path)
@@ -24,11 +27,9 @@ def _extension_kwargs() -> dict:
     spec.loader.exec_module(build)
     ext, reason = build.setup_extension()
     if ext is None:
-        print(f"mpkernels: not building the compiled extension ({reason})", file=sys.stderr)
+        build.report_skip(reason)
         return {}
-    from torch.utils.cpp_extension import BuildExtension
-
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": build.build_ext_class()}}
 
 
 install_requires = ["torch>=2.4", "numpy", "safetensors", "Pillow"]  # io.load and generate need the last two
@@ -36,7 +37,8 @@ if sys.platform.startswith("linux"):
     install_requires.append("triton")
 
 extras = {
-    "test": ["pytest", "pytest-benchmark", "hypothesis"],
+    # cuobjdump: tests/test_cuda_codegen.py reads the SASS of the CUDA kernels
+    "test": ["pytest", "pytest-benchmark", "hypothesis", "nvidia-cuda-cuobjdump>=13,<14; sys_platform == 'linux'"],
     "train": ["tqdm", "matplotlib", "scikit-learn"],
     "latent": ["diffusers>=0.20", "huggingface_hub"],  # sd-vae-ft-mse for the img512 models (edm2fast.vae)
 }

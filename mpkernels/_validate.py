@@ -138,34 +138,33 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     ``storage_offset * itemsize``) over ``1 + sum((size - 1) * stride)`` elements."""
     start = t.data_ptr()
     if t.is_contiguous():
-        extent = t.numel()
-    else:
-        extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return start, start + t.nbytes
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
     return start, start + extent * t.element_size()
 
 
 def no_overlap(lists: list[tuple[str, list[torch.Tensor], bool]]) -> None:
     """Raise ``ValueError`` naming two entries whose memory overlaps, unless both are read-only.
 
-    ``lists``: ``(name, tensors, written)``; entries of a ``written`` list are updated in place.
-    Two tensors overlap when their reachable byte ranges intersect (:func:`_byte_span`): for
-    tensors of one storage that is ``[storage_offset * itemsize, (storage_offset + extent) *
-    itemsize)``, so disjoint views of one buffer (the halves of a flat parameter buffer) pass.
-    Ranges are compared as absolute addresses: live storages never share addresses unless they
-    alias one memory block (``from_blob``, DLPack), which is a real overlap too. Empty tensors
-    never overlap. One sort of all ranges, then one sweep: O(n log n).
+    ``lists``: ``(name, tensors, written)``, all on one device; entries of a ``written`` list are
+    updated in place. Two tensors overlap when their reachable byte ranges intersect
+    (:func:`_byte_span`): for tensors of one storage that is ``[storage_offset * itemsize,
+    (storage_offset + extent) * itemsize)``, so disjoint views of one buffer (the pieces of a flat
+    parameter buffer) pass, while interleaved views (``w[:, :4]``, ``w[:, 4:]``) are refused even
+    though they share no element. Ranges are compared as absolute addresses: live storages never
+    share addresses unless they alias one memory block (``from_blob``, DLPack), which is a real
+    overlap too. Empty tensors never overlap. One sort of all ranges, then one sweep: O(n log n),
+    about 1 us per tensor.
 
     Skipped on the meta device and while ``torch.compile`` traces (no memory to compare).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or any(ts and ts[0].device.type == "meta" for _, ts, _ in lists):
         return
     spans = []
-    for li, (name, ts, written) in enumerate(lists):
+    for li, (_, ts, written) in enumerate(lists):
         for i, t in enumerate(ts):
-            if t.device.type == "meta":
-                return
-            if t.numel():
-                start, end = _byte_span(t)
+            start, end = _byte_span(t)
+            if end > start:
                 spans.append((start, end, li, i, written))
     spans.sort()
     # Furthest-reaching range so far among written entries and among read-only ones: any range
@@ -175,9 +174,10 @@ def no_overlap(lists: list[tuple[str, list[torch.Tensor], bool]]) -> None:
         hit = w_who if w_end > start else (r_who if written and r_end > start else None)
         if hit is not None:
             _overlap_error(lists, hit, (li, i))
-        if written and end > w_end:
-            w_end, w_who = end, (li, i)
-        elif not written and end > r_end:
+        if written:
+            if end > w_end:
+                w_end, w_who = end, (li, i)
+        elif end > r_end:
             r_end, r_who = end, (li, i)
 
 

@@ -93,6 +93,7 @@ def test_missing_toolchain_gives_one_clear_error(monkeypatch):
 
 def test_setup_extension_switch(monkeypatch):
     monkeypatch.setattr(_build, "missing_toolchain", lambda: ["nvcc"])
+    monkeypatch.delenv("MPKERNELS_REQUIRE_EXT", raising=False)  # CI sets it
     monkeypatch.setenv("MPKERNELS_BUILD_EXT", "0")
     assert _build.setup_extension() == (None, "MPKERNELS_BUILD_EXT=0")
     monkeypatch.delenv("MPKERNELS_BUILD_EXT")
@@ -161,3 +162,111 @@ def test_clean_build_from_a_copy_of_the_sources(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "loaded (jit" in out.stdout
     assert str(torch.Size([2, 3, 4, 4])) in out.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# The install never fails because of the extension (unless asked to): decisions with faked inputs
+
+
+def _fake_toolchain(monkeypatch, tmp_path, torch_cuda="13.0", toolkit="13.0", nvcc=True):
+    """A fake CUDA toolkit (nvcc reporting `toolkit`) and a torch built with `torch_cuda`."""
+    from torch.utils import cpp_extension
+
+    kit = tmp_path / "cuda"
+    (kit / "include").mkdir(parents=True)
+    (kit / "include" / "cuda_runtime.h").write_text("")
+    (kit / "bin").mkdir()
+    if nvcc:
+        (kit / "bin" / "nvcc").write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {toolkit}, V{toolkit}.1'\n")
+        (kit / "bin" / "nvcc").chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(kit))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(kit))
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    monkeypatch.delenv("MPKERNELS_BUILD_EXT", raising=False)
+    monkeypatch.delenv("MPKERNELS_REQUIRE_EXT", raising=False)
+    _build.toolkit_version.cache_clear()
+    return kit
+
+
+def test_toolkit_major_version_mismatch_skips_the_extension(monkeypatch, tmp_path):
+    """torch built with CUDA 12.x and nvcc 13.0: skip (PyTorch would refuse to build), naming both."""
+    _fake_toolchain(monkeypatch, tmp_path, torch_cuda="12.8", toolkit="13.0")
+    missing = _build.missing_toolchain()
+    assert len(missing) == 1 and "CUDA 12.8" in missing[0] and "CUDA 13.0" in missing[0], missing
+    ext, reason = _build.setup_extension()
+    assert ext is None and "CUDA 12.8" in reason
+    for var in ("MPKERNELS_BUILD_EXT", "MPKERNELS_REQUIRE_EXT"):
+        monkeypatch.setenv(var, "1")
+        with pytest.raises(_build.ExtensionBuildError, match="cannot be built; missing: .*CUDA 12.8"):
+            _build.setup_extension()
+        monkeypatch.delenv(var)
+    _build.toolkit_version.cache_clear()
+
+
+def test_same_major_version_builds(monkeypatch, tmp_path):
+    """A minor-version difference is fine (PyTorch only warns); the extension is optional by default."""
+    _fake_toolchain(monkeypatch, tmp_path, torch_cuda="13.1", toolkit="13.0")
+    assert _build.missing_toolchain() == []
+    monkeypatch.setattr(_build, "visible_gpu_arches", lambda: [])
+    ext, reason = _build.setup_extension()
+    assert reason is None and ext.optional
+    monkeypatch.setenv("MPKERNELS_REQUIRE_EXT", "1")
+    ext, _ = _build.setup_extension()
+    assert not ext.optional  # CI: a compile error must fail the install
+    _build.toolkit_version.cache_clear()
+
+
+def test_missing_nvcc_skips_the_extension(monkeypatch, tmp_path):
+    _fake_toolchain(monkeypatch, tmp_path, nvcc=False)
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: None)
+    ext, reason = _build.setup_extension()
+    assert ext is None and "nvcc" in reason
+    monkeypatch.setenv("MPKERNELS_BUILD_EXT", "1")
+    with pytest.raises(_build.ExtensionBuildError, match="nvcc"):
+        _build.setup_extension()
+    _build.toolkit_version.cache_clear()
+
+
+def test_build_modes(monkeypatch):
+    assert _build.build_mode({}) == "auto"
+    assert _build.build_mode({"MPKERNELS_BUILD_EXT": "0"}) == "skip"
+    assert _build.build_mode({"MPKERNELS_BUILD_EXT": "1"}) == "require"
+    assert _build.build_mode({"MPKERNELS_REQUIRE_EXT": "1"}) == "require"
+    with pytest.raises(_build.ExtensionBuildError, match="unset one of them"):
+        _build.build_mode({"MPKERNELS_BUILD_EXT": "0", "MPKERNELS_REQUIRE_EXT": "1"})
+
+
+def test_a_compile_error_skips_an_optional_extension(monkeypatch, capsys):
+    """Any build failure of the optional extension (PyTorch raises RuntimeError, which setuptools'
+    own `optional` handling does not catch) ends the build step normally, with the reason on
+    stderr; a required extension fails the install."""
+    from setuptools import Distribution
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    def broken(self, ext):
+        raise RuntimeError("Error compiling objects for extension")
+
+    monkeypatch.setattr(BuildExtension, "build_extension", broken)
+    ext = CppExtension("mpkernels.cuda._C", ["csrc/bindings.cpp"])
+    cmd = _build.build_ext_class()(Distribution({"name": "mpkernels", "ext_modules": [ext]}))
+    ext.optional = True
+    cmd.build_extension(ext)  # no exception
+    err = capsys.readouterr().err
+    assert "WITHOUT the compiled extension" in err and "Error compiling objects" in err
+    ext.optional = False
+    with pytest.raises(RuntimeError, match="Error compiling objects"):
+        cmd.build_extension(ext)
+
+
+def test_builds_for_the_visible_gpu_only(monkeypatch):
+    """An explicit build targets the GPU that is there (and PTX of it); TORCH_CUDA_ARCH_LIST wins."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_build, "visible_gpu_arches", lambda: [(9, 0)])
+    assert _build.gencode_flags(detect_gpu=True) == ["-gencode=arch=compute_90,code=sm_90",
+                                                     "-gencode=arch=compute_90,code=compute_90"]
+    assert len(_build.gencode_flags()) == 5  # import-time key: never asks the GPU
+    monkeypatch.setattr(_build, "visible_gpu_arches", lambda: [])
+    assert "-gencode=arch=compute_80,code=sm_80" in _build.gencode_flags(detect_gpu=True)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    assert _build.gencode_flags(detect_gpu=True) == []  # PyTorch derives the flags from the variable

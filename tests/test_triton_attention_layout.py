@@ -67,12 +67,14 @@ def test_layouts_agree(backend):
 HC_CASES = [(1, 128, 2, 8, 8, "cl"), (1, 96, 2, 7, 7, "cl"), (2, 32, 2, 4, 4, "nchw")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("case", HC_CASES, ids=lambda c: "-".join(map(str, c)))
+# fp32 runs 16x16 tiles, slow in the interpreter: its case is the small NCHW one.
+HC_PARAMS = [pytest.param(c, d, id="-".join(map(str, c)) + f"-{d}") for c in HC_CASES
+             for d in (torch.float16, torch.bfloat16, torch.float32) if d != torch.float32 or c[3] * c[4] <= 16]
+
+
+@pytest.mark.parametrize("case,dtype", HC_PARAMS)
 def test_head_contiguous_parity(case, dtype):
     n, c, heads, h, w, kind = case
-    if dtype == torch.float32 and h * w > 16:
-        pytest.skip("fp32 runs 16x16 tiles: slow in the interpreter; fp32 is covered by the NCHW case")
     out, _ = check_op(lambda q: mk.cosine_attention(q, heads, layout="head_contiguous"),
                       lambda d: [rand((n, 3 * c, h, w), d, kind, 2.0)], dtype)
     if kind == "cl":
@@ -152,30 +154,32 @@ def test_validation():
 # --- fp16 backward under loss scaling ----------------------------------------------------------
 
 def test_fp16_backward_tiny_vectors_loss_scaled():
-    """Tiny keys (rms 1e-3: inverse norms ~900) pointing along their tokens' queries, and a
-    loss-scaled upstream gradient: ``ds * inv_k`` reaches ~2.5e5 and overflowed fp16 before the
-    MMA, while every true gradient (max ~2e4) and eager PyTorch's fp16 result stay finite."""
+    """Tiny keys (rms 1e-3: inverse norms ~900) and a loss-scaled upstream gradient (x 2^6):
+    ``ds * inv_k`` passed the fp16 range before the MMA that makes dq (inf, then NaN), while every
+    true gradient (max ~3.6e4) is representable. Eager fp16 PyTorch itself overflows on some
+    gradients of the tiny keys (its normalize backward divides by the squared norm in fp16), so
+    its error is taken where it is finite."""
     heads, D, L = 1, 64, 64
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(1, 3 * D, 8, 8, generator=g, dtype=torch.float64)
-    y = qkv.view(1, heads, D, 3, L)
-    y[:, :, :, 1] = y[:, :, :, 0] * 1e-3
+    qkv.view(1, heads, D, 3, L)[:, :, :, 1] *= 1e-3
     qkv = qkv.to(torch.float16)
-    grad = (torch.randn(1, D, 8, 8, generator=g, dtype=torch.float64) * 2.0 ** 8).to(torch.float16)
+    grad = (torch.randn(1, D, 8, 8, generator=g, dtype=torch.float64) * 2.0 ** 6).to(torch.float16)
 
-    def run(t, backend, strict=False):
-        t = t.detach().clone().requires_grad_()
+    def run(dtype, backend, strict=False):
+        t = qkv.to(dtype).clone().requires_grad_()
         with mk.use_backend(backend, strict=strict):
             out = mk.cosine_attention(t, heads)
-        out.backward(grad.to(out.dtype))
+        out.backward(grad.to(dtype))
         return out.detach(), t.grad
 
-    o64, g64 = run(qkv.double(), "reference")
-    oe, ge = run(qkv, "reference")
-    ot, gt = run(qkv, "triton", strict=True)
-    assert torch.isfinite(ge).all() and torch.isfinite(g64).all(), "the case must be representable in fp16"
+    o64, g64 = run(torch.float64, "reference")
+    oe, ge = run(torch.float16, "reference")
+    ot, gt = run(torch.float16, "triton", strict=True)
+    assert float(g64.abs().max()) < 6e4, "the true gradient must be representable in fp16"
     assert torch.isfinite(gt).all(), f"{int((~torch.isfinite(gt)).sum())} non-finite gradient entries"
     assert_close_to_oracle(ot, o64, oe, name="output")
+    ge = torch.where(torch.isfinite(ge), ge, g64.to(ge.dtype))
     assert_close_to_oracle(gt, g64, ge, name="grad")
 
 
@@ -236,6 +240,7 @@ from mpkernels.triton import cosine_attention as CA
 out = {}
 for name, make in (("norms", lambda hc: CA._norms_config(torch.bfloat16, True, hc, 64)),
                    ("fwd", lambda hc: CA._fwd_config(torch.bfloat16, True, hc, 64, True)),
+                   ("dkdv", lambda hc: CA._dkdv_config(torch.bfloat16, True, hc, 64, True)),
                    ("dq", lambda hc: CA._dq_config(torch.bfloat16, True, hc, 64, True))):
     for hc in (False, True):
         cfg = make(hc)
@@ -245,7 +250,9 @@ for name, make in (("norms", lambda hc: CA._norms_config(torch.bfloat16, True, h
                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg))
         lds = re.findall(r"ld\.global(?:\.\w+)*", k.asm["ptx"])
         vec = sum(1 for l in lds if ".v2" in l or ".v4" in l)
-        out[f"{name}-{'hc' if hc else 'interleaved'}"] = dict(vector=vec, scalar=len(lds) - vec)
+        out[f"{name}-{'hc' if hc else 'interleaved'}"] = dict(
+            vector=vec, scalar=len(lds) - vec, scalar16=sum(1 for l in lds if l.endswith(".b16")),
+            async16=len(re.findall(r"cp\.async\.cg\.shared\.global", k.asm["ptx"])))
 print(json.dumps(out))
 """
 
@@ -254,18 +261,24 @@ def _ptxas_available() -> bool:
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
 
 
+@pytest.mark.slow  # ~15 s: eight attention kernels compiled for sm_90
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend is not installed")
 def test_channels_last_head_contiguous_loads_vectors():
+    """bf16, D = 64, aligned sizes, sm_90. Measured (Triton 3.8), ld.global vector/scalar, interleaved ->
+    head-contiguous: norms 0/48 -> 6/0, fwd 0/98 -> 4/2, dkdv 0/34 -> 8/8, dq 4/72 -> 8/8 (the scalars
+    left are fp32 per-token statistics; k/v tiles also move by 16-byte cp.async); 16-bit scalar loads
+    go from 24-96 per kernel to 0."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
     proc = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, ROOT], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     print(counts)
-    for name in ("norms", "fwd", "dq"):
+    for name in ("norms", "fwd", "dkdv", "dq"):
         old, new = counts[f"{name}-interleaved"], counts[f"{name}-hc"]
-        assert old["vector"] == 0 and old["scalar"] >= 16, (name, counts)  # stride-3 channels: one element a load
-        assert new["vector"] >= 2 and new["scalar"] * 4 <= old["scalar"], (name, counts)
+        assert old["scalar16"] >= 16, (name, counts)  # stride-3 channels: one 16-bit element per load
+        assert new["scalar16"] == 0 and new["vector"] >= 2, (name, counts)
+        assert new["scalar"] * 4 <= old["scalar"], (name, counts)
 
 
 # --- normalize tiling ---------------------------------------------------------------------------

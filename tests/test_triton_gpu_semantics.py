@@ -132,11 +132,22 @@ BARE_FLOAT_MINMAX = re.compile(r"\b(?:min|max)(?:\.ftz)?\.(?:f32|f16|bf16|f16x2|
 NAN_MINMAX = re.compile(r"\b(?:min|max)\.(?:ftz\.)?NaN\.")
 
 
-@needs_compiler
-def test_mp_sum_clip_ptx_propagates_nan():
-    jobs = [dict(module="mpkernels.triton.mp_sum", config="_fwd_config", args=[d, True], cc=cc, aligned=aligned)
+NAN_JOBS = [dict(module="mpkernels.triton.mp_sum", config="_fwd_config", args=[d, True], cc=cc, aligned=aligned)
             for d, cc, aligned in (("float32", 80, False), ("bfloat16", 90, True))]
-    for r in compile_in_subprocess(jobs):
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """NAN_JOBS and WIDE_JOBS compiled in one subprocess: ``(nan results, wide results)``."""
+    wide = [dict(module=f"mpkernels.triton.{m}", config=c, args=a, cc=90, aligned=True) for m, c, a, _ in WIDE_JOBS]
+    results = compile_in_subprocess(NAN_JOBS + wide)
+    return results[:len(NAN_JOBS)], results[len(NAN_JOBS):]
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_mp_sum_clip_ptx_propagates_nan(compiled):
+    for r in compiled[0]:
         where = f"{r['name']} sm_{r['cc']}"
         bare = sorted(set(BARE_FLOAT_MINMAX.findall(r["ptx"])))
         assert not bare, f"{where}: {bare} in the PTX turn a NaN into a finite value (use a NaN-propagating clamp)"
@@ -247,11 +258,10 @@ WIDE_JOBS = [
 
 
 @needs_compiler
-def test_tile_positions_use_64bit_offsets():
-    jobs = [dict(module=f"mpkernels.triton.{m}", config=c, args=a, cc=90, aligned=True) for m, c, a, _ in WIDE_JOBS]
-    results = compile_in_subprocess(jobs)
+@pytest.mark.slow
+def test_tile_positions_use_64bit_offsets(compiled):
     report = []
-    for r, (_, _, _, ptrs) in zip(results, WIDE_JOBS):
+    for r, (_, _, _, ptrs) in zip(compiled[1], WIDE_JOBS):
         bad = int32_offsets_by_position(r["ttir"], r["args_in_order"], ptrs)
         report += [f"{r['name']}: {ln}" for ln in bad]
     assert not report, "int32 offsets that grow with the tensor (wrap past 2^31 elements):\n" + "\n".join(report)

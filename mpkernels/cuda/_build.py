@@ -17,21 +17,34 @@ Where the compiled module comes from, in this order:
 Environment variables:
 
 * ``MPKERNELS_BUILD_EXT``: ``1`` forces ``setup.py`` to build the extension (and fail loudly
-  when it cannot), ``0`` skips it; unset: build when nvcc and a CUDA build of torch are present.
+  when it cannot), ``0`` skips it. Unset: build when the toolchain is complete (nvcc of the same
+  CUDA major version as torch's, ninja, a C++ compiler, a CUDA build of torch); anything missing,
+  and any compile error, skips the extension without failing the install.
+* ``MPKERNELS_REQUIRE_EXT=1`` (CI): like ``MPKERNELS_BUILD_EXT=1``, the install fails when the
+  extension cannot be built (and the extension tests fail instead of skipping).
 * ``MPKERNELS_BUILD_DIR``: where just-in-time builds go (default
   ``~/.cache/mpkernels/<python-torch-cuda tag>``).
-* ``TORCH_CUDA_ARCH_LIST``: GPU architectures to compile for (default: sm_80, sm_86, sm_89,
-  sm_90 and PTX for compute_90, which newer GPUs JIT-compile at load time).
+* ``TORCH_CUDA_ARCH_LIST``: GPU architectures to compile for (PyTorch's syntax, e.g. ``9.0``).
+  Unset: the architectures of the visible GPUs (plus PTX of the newest), or without a visible GPU
+  sm_80, sm_86, sm_89, sm_90 and PTX for compute_90 (newer GPUs JIT-compile it at load time).
 * ``MAX_JOBS``: parallel compile jobs (ninja), as in PyTorch.
+
+A skipped extension never fails ``pip install``; the reason goes to stderr, which pip shows with
+``pip install -v`` (a successful install hides the build's output otherwise). Afterwards
+:func:`mpkernels.cuda.status` says the extension is not loaded, and :func:`mpkernels.cuda.build`
+raises :class:`ExtensionBuildError` naming what is missing.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -78,12 +91,31 @@ def source_hash_define() -> str:
     return f"-DMPK_SOURCE_HASH=h{source_hash()}"
 
 
-def gencode_flags() -> list[str]:
-    """nvcc -gencode flags, unless TORCH_CUDA_ARCH_LIST is set (then PyTorch derives them)."""
+def visible_gpu_arches() -> list[tuple[int, int]]:
+    """Compute capabilities of the visible GPUs (empty without one, or without a CUDA torch)."""
+    try:
+        import torch
+
+        if torch.version.cuda is None or not torch.cuda.is_available():
+            return []
+        return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    except Exception:  # noqa: BLE001 - no driver, broken install: build the default list
+        return []
+
+
+def gencode_flags(detect_gpu: bool = False) -> list[str]:
+    """nvcc -gencode flags, unless TORCH_CUDA_ARCH_LIST is set (then PyTorch derives them).
+
+    With ``detect_gpu`` (an explicit build) and a visible GPU: that GPU's architecture only, plus
+    PTX of the newest one. Otherwise :data:`DEFAULT_ARCHES`.
+    """
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return []
+    arches = [(f"{ma}{mi}", False) for ma, mi in (visible_gpu_arches() if detect_gpu else [])]
+    if arches:
+        arches[-1] = (arches[-1][0], True)
     flags = []
-    for cc, ptx in DEFAULT_ARCHES:
+    for cc, ptx in arches or DEFAULT_ARCHES:
         flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
@@ -133,8 +165,24 @@ def _configure_cuda_home() -> None:
         mod.CUDA_HOME = home
 
 
+@functools.lru_cache(maxsize=8)
+def toolkit_version(cuda_home: str) -> str | None:
+    """``major.minor`` of the CUDA toolkit at ``cuda_home`` (from ``nvcc --version``), or None."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
 def missing_toolchain() -> list[str]:
-    """What is missing to build the CUDA extension here (empty when everything is present)."""
+    """What is missing to build the CUDA extension here (empty when everything is present).
+
+    A toolkit whose CUDA major version differs from torch's counts as missing: PyTorch refuses to
+    build with it, and code from it may not run with torch's CUDA runtime.
+    """
     _configure_cuda_home()
     import torch
     from torch.utils import cpp_extension
@@ -145,6 +193,14 @@ def missing_toolchain() -> list[str]:
     if not _is_toolkit(cpp_extension.CUDA_HOME):
         missing.append("the CUDA toolkit: nvcc and its headers (install it, and set CUDA_HOME or put nvcc on "
                        f"PATH; looked in {cpp_extension.CUDA_HOME or 'no CUDA_HOME'})")
+    elif torch.version.cuda is not None:
+        have = toolkit_version(cpp_extension.CUDA_HOME)
+        if have is None:
+            missing.append(f"a working nvcc ({cpp_extension.CUDA_HOME}/bin/nvcc --version failed)")
+        elif have.split(".")[0] != torch.version.cuda.split(".")[0]:
+            missing.append(f"a CUDA toolkit of torch's major version: torch {torch.__version__} is built with "
+                           f"CUDA {torch.version.cuda}, the nvcc in {cpp_extension.CUDA_HOME} is CUDA {have} "
+                           "(set CUDA_HOME to a matching toolkit)")
     if not cpp_extension.is_ninja_available():
         missing.append("ninja (pip install ninja)")
     cxx = os.environ.get("CXX", "c++")
@@ -175,8 +231,10 @@ def build_directory() -> str:
 def _build_key() -> dict:
     import torch
 
+    # The architectures are in the key as asked for (TORCH_CUDA_ARCH_LIST), not as detected: a key
+    # must be computable at import, which never touches the GPU.
     return {"sources": source_hash(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": sys.version.split()[0], "gencode": gencode_flags() or os.environ.get("TORCH_CUDA_ARCH_LIST"),
+            "python": sys.version.split()[0], "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
             "flags": [CXX_FLAGS, NVCC_FLAGS, LD_FLAGS]}
 
 
@@ -247,7 +305,7 @@ def build(verbose: bool = False):
             name=JIT_NAME,
             sources=[os.path.join(CSRC, f) for f in CPP_SOURCES + CUDA_SOURCES],
             extra_cflags=CXX_FLAGS + [source_hash_define()],
-            extra_cuda_cflags=NVCC_FLAGS + gencode_flags(),
+            extra_cuda_cflags=NVCC_FLAGS + gencode_flags(detect_gpu=True),
             extra_ldflags=list(LD_FLAGS),  # load() appends to the list it gets
             extra_include_paths=[CSRC],
             build_directory=build_dir,
@@ -266,25 +324,59 @@ def build(verbose: bool = False):
     return mod
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def build_mode(env=None) -> str:
+    """``'require'`` (MPKERNELS_BUILD_EXT=1 or MPKERNELS_REQUIRE_EXT=1: fail when the extension
+    cannot be built), ``'skip'`` (MPKERNELS_BUILD_EXT=0) or ``'auto'`` (build when possible)."""
+    env = os.environ if env is None else env
+    build = env.get("MPKERNELS_BUILD_EXT", "").strip().lower()
+    require = env.get("MPKERNELS_REQUIRE_EXT", "").strip().lower() in _TRUE
+    if build in _FALSE:
+        if require:
+            raise ExtensionBuildError("MPKERNELS_BUILD_EXT=0 skips the extension but MPKERNELS_REQUIRE_EXT=1 "
+                                      "requires it: unset one of them")
+        return "skip"
+    return "require" if build in _TRUE or require else "auto"
+
+
+def report_skip(reason: str) -> None:
+    """Say on stderr (shown by ``pip install -v``) that the install goes on without the extension."""
+    print("\n".join([
+        "",
+        "*" * 78,
+        "mpkernels: installing WITHOUT the compiled extension (backend 'cuda'); the reference and",
+        f"Triton backends work as usual. Reason: {reason}",
+        "Set MPKERNELS_BUILD_EXT=1 to make this an error; mpkernels.cuda.build() builds it later.",
+        "*" * 78,
+        "",
+    ]), file=sys.stderr, flush=True)
+
+
 def setup_extension():
     """The ``CUDAExtension`` for ``setup.py``, or ``(None, reason)`` when it should be skipped.
 
-    ``MPKERNELS_BUILD_EXT=1`` turns a missing toolchain into an error, ``0`` always skips.
+    In mode ``'require'`` (see :func:`build_mode`) a missing toolchain raises
+    :class:`ExtensionBuildError`; in mode ``'auto'`` the extension is ``optional``: a compile error
+    skips it too (see :func:`build_ext_class`).
     """
-    mode = os.environ.get("MPKERNELS_BUILD_EXT", "").strip().lower()
-    if mode in ("0", "false", "no", "off"):
+    mode = build_mode()
+    if mode == "skip":
         return None, "MPKERNELS_BUILD_EXT=0"
     try:
         import torch  # noqa: F401
         missing = missing_toolchain()
     except ImportError:
         missing = ["torch (install torch first, then build without build isolation)"]
+    except Exception as e:  # noqa: BLE001 - a broken probe must not break the install either
+        missing = [f"a working toolchain probe ({type(e).__name__}: {e})"]
     if not have_sources():
         missing.append(f"the csrc/ sources in {CSRC}")
     if missing:
-        if mode in ("1", "true", "yes", "on"):
-            raise ExtensionBuildError("MPKERNELS_BUILD_EXT=1 but the extension cannot be built; missing: " +
-                                      "; ".join(missing))
+        if mode == "require":
+            raise ExtensionBuildError("MPKERNELS_BUILD_EXT=1 or MPKERNELS_REQUIRE_EXT=1, but the extension "
+                                      "cannot be built; missing: " + "; ".join(missing))
         return None, "missing " + "; ".join(missing)
     from torch.utils.cpp_extension import CUDAExtension
 
@@ -293,7 +385,29 @@ def setup_extension():
         name="mpkernels.cuda._C",
         sources=[os.path.join(rel, f) for f in CPP_SOURCES + CUDA_SOURCES],
         include_dirs=[CSRC],
-        extra_compile_args={"cxx": CXX_FLAGS + [source_hash_define()], "nvcc": NVCC_FLAGS + gencode_flags()},
+        extra_compile_args={"cxx": CXX_FLAGS + [source_hash_define()],
+                            "nvcc": NVCC_FLAGS + gencode_flags(detect_gpu=True)},
         extra_link_args=list(LD_FLAGS),
     )
+    ext.optional = mode != "require"
     return ext, None
+
+
+def build_ext_class():
+    """PyTorch's ``BuildExtension`` (ninja) that skips an ``optional`` extension whose build fails,
+    whatever the error (PyTorch raises RuntimeError, which setuptools' own ``optional`` handling
+    lets through), with the reason on stderr; a required one fails the install as usual."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class MpkBuildExtension(base):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001 - any failure: compiler, linker, ninja, version check
+                if not getattr(ext, "optional", False):
+                    raise
+                report_skip(f"building it failed: {type(e).__name__}: {str(e)[-2000:]}")
+
+    return MpkBuildExtension

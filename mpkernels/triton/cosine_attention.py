@@ -57,10 +57,13 @@ def _dot(a, b, FP32: tl.constexpr):
 
 
 @triton.jit
-def _strides(L, C3, CL: tl.constexpr):
-    """(channel stride, token stride) of qkv and (channel stride, token stride) of the output."""
+def _strides(L, C3, Cn, CL: tl.constexpr):
+    """(channel stride, token stride) of qkv and (channel stride, token stride) of the output.
+
+    ``Cn = C3 / 3`` comes as its own argument: the JIT then knows when it is a multiple of 16 (it
+    cannot infer that from ``C3 // 3``), which the output's and dO's channels_last vector accesses need."""
     if CL:
-        return 1, C3, 1, C3 // 3
+        return 1, C3, 1, Cn
     else:
         return L, 1, L, 1
 
@@ -82,7 +85,7 @@ def _load_vectors(base, tok, d, L, D, s_c, s_l, J: tl.constexpr, HC: tl.constexp
 
 
 @triton.jit
-def _attn_norms_kernel(qkv_ptr, inv_ptr, L, heads, D, C3, n_tblocks, eps, rsqrt_d,
+def _attn_norms_kernel(qkv_ptr, inv_ptr, L, heads, D, C3, Cn, n_tblocks, eps, rsqrt_d,
                        CL: tl.constexpr, HC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     """inv[n, head, j, token] = 1 / (eps + ||x|| / sqrt(D)) for every q, k, v vector (fp32), one read of qkv."""
     pid = tl.program_id(0)
@@ -90,7 +93,7 @@ def _attn_norms_kernel(qkv_ptr, inv_ptr, L, heads, D, C3, n_tblocks, eps, rsqrt_
     tb = pid % n_tblocks
     n = bh // heads
     h = bh % heads
-    s_c, s_l, so_c, so_l = _strides(L, C3, CL)
+    s_c, s_l, so_c, so_l = _strides(L, C3, Cn, CL)
     base = qkv_ptr + n.to(tl.int64) * C3 * L + (h * 3 * D) * s_c
     d = tl.arange(0, BLOCK_D)
     tok = tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -101,7 +104,7 @@ def _attn_norms_kernel(qkv_ptr, inv_ptr, L, heads, D, C3, n_tblocks, eps, rsqrt_
 
 
 @triton.jit
-def _attn_fwd_kernel(qkv_ptr, inv_ptr, o_ptr, lse_ptr, L, heads, D, C3, n_mblocks, qk_scale,
+def _attn_fwd_kernel(qkv_ptr, inv_ptr, o_ptr, lse_ptr, L, heads, D, C3, Cn, n_mblocks, qk_scale,
                      CL: tl.constexpr, HC: tl.constexpr, FP32: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr):
     """Per (batch, head, query block): online softmax over key blocks; logits = (q . k) * inv_q * inv_k / sqrt(D)."""
@@ -110,7 +113,7 @@ def _attn_fwd_kernel(qkv_ptr, inv_ptr, o_ptr, lse_ptr, L, heads, D, C3, n_mblock
     mb = pid % n_mblocks
     n = bh // heads
     h = bh % heads
-    s_c, s_l, so_c, so_l = _strides(L, C3, CL)
+    s_c, s_l, so_c, so_l = _strides(L, C3, Cn, CL)
     base = qkv_ptr + n.to(tl.int64) * C3 * L + (h * 3 * D) * s_c
     inv_base = inv_ptr + bh.to(tl.int64) * 3 * L
     d = tl.arange(0, BLOCK_D)
@@ -138,7 +141,7 @@ def _attn_fwd_kernel(qkv_ptr, inv_ptr, o_ptr, lse_ptr, L, heads, D, C3, n_mblock
         acc = acc * alpha[:, None] + _dot((p * inv_v[None, :]).to(v.dtype), v, FP32)
         m_i = m_new
     o = acc / l_i[:, None]
-    o_base = o_ptr + n.to(tl.int64) * (C3 // 3) * L + (h * D) * so_c
+    o_base = o_ptr + n.to(tl.int64) * Cn * L + (h * D) * so_c
     tl.store(o_base + d[None, :] * so_c + tok_m[:, None] * so_l, o.to(o_ptr.dtype.element_ty),
              mask=mmask[:, None] & (d < D)[None, :])
     tl.store(lse_ptr + bh.to(tl.int64) * L + tok_m, m_i + tl.math.log2(l_i), mask=mmask)
@@ -178,7 +181,7 @@ def _unnormalize_grad(gxn, x, inv, eps, inv_d):
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(qkv_ptr, inv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, heads, D, C3, n_nblocks,
+def _attn_bwd_dkdv_kernel(qkv_ptr, inv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, heads, D, C3, Cn, n_nblocks,
                           eps, inv_d, qk_scale, rsqrt_d,
                           CL: tl.constexpr, HC: tl.constexpr, FP32: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
@@ -188,10 +191,10 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, inv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr
     nb = pid % n_nblocks
     n = bh // heads
     h = bh % heads
-    s_c, s_l, so_c, so_l = _strides(L, C3, CL)
+    s_c, s_l, so_c, so_l = _strides(L, C3, Cn, CL)
     sample = n.to(tl.int64) * C3 * L + (h * 3 * D) * s_c
     base = qkv_ptr + sample
-    o_base = do_ptr + n.to(tl.int64) * (C3 // 3) * L + (h * D) * so_c
+    o_base = do_ptr + n.to(tl.int64) * Cn * L + (h * D) * so_c
     inv_base = inv_ptr + bh.to(tl.int64) * 3 * L
     row_base = bh.to(tl.int64) * L
     d = tl.arange(0, BLOCK_D)
@@ -234,7 +237,7 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, inv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(qkv_ptr, inv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, heads, D, C3, n_mblocks,
+def _attn_bwd_dq_kernel(qkv_ptr, inv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, heads, D, C3, Cn, n_mblocks,
                         eps, inv_d, qk_scale, rsqrt_d,
                         CL: tl.constexpr, HC: tl.constexpr, FP32: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
@@ -244,10 +247,10 @@ def _attn_bwd_dq_kernel(qkv_ptr, inv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, 
     mb = pid % n_mblocks
     n = bh // heads
     h = bh % heads
-    s_c, s_l, so_c, so_l = _strides(L, C3, CL)
+    s_c, s_l, so_c, so_l = _strides(L, C3, Cn, CL)
     sample = n.to(tl.int64) * C3 * L + (h * 3 * D) * s_c
     base = qkv_ptr + sample
-    o_base = do_ptr + n.to(tl.int64) * (C3 // 3) * L + (h * D) * so_c
+    o_base = do_ptr + n.to(tl.int64) * Cn * L + (h * D) * so_c
     inv_base = inv_ptr + bh.to(tl.int64) * 3 * L
     row_base = bh.to(tl.int64) * L
     d = tl.arange(0, BLOCK_D)
@@ -411,11 +414,11 @@ def attention_forward(qkv: torch.Tensor, heads: int, hc: bool):
     fast = _fast(L, c3, qkv, o)
     bd = _block_d(D, fast)
     ntb = C.cdiv(L, NORMS_BLOCK_T)
-    C.launch(_norms_config(qkv.dtype, cl, hc, bd), (n * heads * ntb,), qkv, inv, L, heads, D, c3, ntb, EPS,
+    C.launch(_norms_config(qkv.dtype, cl, hc, bd), (n * heads * ntb,), qkv, inv, L, heads, D, c3, c3 // 3, ntb, EPS,
              1.0 / math.sqrt(D))
     cfg = _fwd_config(qkv.dtype, cl, hc, bd, fast)
     nmb = C.cdiv(L, dict(cfg.constexprs)["BLOCK_M"])
-    C.launch(cfg, (n * heads * nmb,), qkv, inv, o, lse, L, heads, D, c3, nmb, LOG2E / math.sqrt(D))
+    C.launch(cfg, (n * heads * nmb,), qkv, inv, o, lse, L, heads, D, c3, c3 // 3, nmb, LOG2E / math.sqrt(D))
     return o, lse, inv
 
 
@@ -433,10 +436,10 @@ def attention_backward(g: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse:
     scalars = (EPS, 1.0 / D, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
     cfg = _dkdv_config(qkv.dtype, cl, hc, bd, fast)
     nnb = C.cdiv(L, dict(cfg.constexprs)["BLOCK_N"])
-    C.launch(cfg, (n * heads * nnb,), qkv, inv, g, lse, delta, dqkv, L, heads, D, c3, nnb, *scalars)
+    C.launch(cfg, (n * heads * nnb,), qkv, inv, g, lse, delta, dqkv, L, heads, D, c3, c3 // 3, nnb, *scalars)
     cfg = _dq_config(qkv.dtype, cl, hc, bd, fast)
     nmb = C.cdiv(L, dict(cfg.constexprs)["BLOCK_M"])
-    C.launch(cfg, (n * heads * nmb,), qkv, inv, g, lse, delta, dqkv, L, heads, D, c3, nmb, *scalars)
+    C.launch(cfg, (n * heads * nmb,), qkv, inv, g, lse, delta, dqkv, L, heads, D, c3, c3 // 3, nmb, *scalars)
     return dqkv
 
 

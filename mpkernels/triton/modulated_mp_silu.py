@@ -72,7 +72,7 @@ def _modsilu_bwd_kernel(g_ptr, y_ptr, c_ptr, dy_ptr, dc_ptr, N, P, Q, n_blocks, 
         base += b * BLOCK_Q
         for p0 in range(lo, hi, BLOCK_P):
             m = (p0 + rp < hi)[:, None] & (q < Q)[None, :]
-            corner = base + p0.to(tl.int64) * Q
+            corner = base + tl.cast(p0, tl.int64) * Q  # p0: an int in the interpreter
             g = tl.load(g_ptr + corner + tile, mask=m, other=0.0).to(tl.float32)
             y = tl.load(y_ptr + corner + tile, mask=m, other=0.0).to(tl.float32)
             z = y * cv[None, :]

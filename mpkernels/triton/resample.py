@@ -75,8 +75,11 @@ def configs():
 
 
 def _layout(t: torch.Tensor) -> bool:
-    """True for channels_last (C innermost), False for NCHW-contiguous."""
-    return not t.is_contiguous()
+    """True for channels_last (C innermost and not also NCHW-contiguous), else NCHW.
+
+    A tensor that is both (1x1 pixels, or C = 1) counts as NCHW; any other tensor is made
+    NCHW-contiguous by :func:`_canon`."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _run(src, down: bool, scale: float, cl: bool):
@@ -98,23 +101,31 @@ def _canon(t: torch.Tensor, cl: bool) -> torch.Tensor:
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
-def _fake(x, down):
+def _shape(x, down: bool):
     n, c, h, w = x.shape
-    shape = (n, c, h // 2, w // 2) if down else (n, c, 2 * h, 2 * w)
-    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return (n, c, h // 2, w // 2) if down else (n, c, 2 * h, 2 * w)
 
 
+def _fake(x, down: bool, cl: bool):
+    """The output :func:`_run` makes: its layout is ``cl``, never re-derived from the new shape
+    (a channels_last 1x1 gradient is also NCHW-contiguous, its 2x2 result is not)."""
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return torch.empty(_shape(x, down), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+# Forward ops take any x (made dense in its own layout first); backward ops get the forward's layout.
 _down_op = kernel_op("triton_resample_down", "(Tensor x) -> Tensor",
-                     impl=lambda x: _run(x, True, 0.25, _layout(x)), fake=lambda x: _fake(x, True))
+                     impl=lambda x: _run(_canon(x, _layout(x)), True, 0.25, _layout(x)),
+                     fake=lambda x: _fake(x, True, _layout(x)))
 _down_bwd_op = kernel_op("triton_resample_down_backward", "(Tensor g, bool cl) -> Tensor",
                          impl=lambda g, cl: _run(_canon(g, cl), False, 0.25, cl),
-                         fake=lambda g, cl: _fake(_canon(g, cl), False))
+                         fake=lambda g, cl: _fake(g, False, cl))
 _up_op = kernel_op("triton_resample_up", "(Tensor x) -> Tensor",
-                   impl=lambda x: _run(x, False, 1.0, _layout(x)), fake=lambda x: _fake(x, False))
+                   impl=lambda x: _run(_canon(x, _layout(x)), False, 1.0, _layout(x)),
+                   fake=lambda x: _fake(x, False, _layout(x)))
 _up_bwd_op = kernel_op("triton_resample_up_backward", "(Tensor g, bool cl) -> Tensor",
                        impl=lambda g, cl: _run(_canon(g, cl), True, 1.0, cl),
-                       fake=lambda g, cl: _fake(_canon(g, cl), True))
+                       fake=lambda g, cl: _fake(g, True, cl))
 
 
 def _tie(fwd, bwd):
@@ -134,8 +145,7 @@ _tie(_up_op, _up_bwd_op)
 def resample(x: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "keep":
         return x
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    x = _canon(x, cl)
+    x = _canon(x, _layout(x))
     return _down_op(x) if mode == "down" else _up_op(x)
 
 

@@ -19,12 +19,22 @@ authors' own classes, ...) is refused with :class:`UnsafePickleError` naming it.
 The record tree is then mapped onto our Precond: ``_init_kwargs`` become the constructor
 kwargs and the ``_parameters``/``_buffers`` found by walking ``_modules`` form a flat state
 dict whose names match ours key for key (``unet.enc.64x64_conv.weight``, ...).
+
+The release's training checkpoints ``training-state-<kimg>.pt`` (``torch.save`` of plain
+state dicts: ``net``, ``ema`` = ``{'stds', 'emas'}``, ``optimizer``, ...) are read the same way;
+they record no constructor kwargs, so those are read off the tensor names and shapes
+(:func:`kwargs_from_state_dict`).
+
+This module reads foreign formats only and returns plain data (kwargs, tensors, metadata);
+:mod:`edm2fast.io` builds networks from it (``io.load``, ``io.load_official_pickle``) and
+reads and writes our own formats. It never imports :mod:`edm2fast.io`.
 """
 
 from __future__ import annotations
 
 import collections
 import io as _pyio
+import math
 import os
 import pickle
 import re
@@ -36,7 +46,8 @@ import numpy as np
 import torch
 
 __all__ = ["UnsafePickleError", "RestrictedUnpickler", "PersistentRecord", "ObjectRecord", "read_pickle",
-           "read_official_pickle", "load_official_pickle", "describe_pickle", "metadata_from_filename"]
+           "read_official_pickle", "describe_pickle", "metadata_from_filename", "parse_release_name",
+           "kwargs_from_state_dict", "is_foreign_file", "RELEASE_NAME_PATTERNS"]
 
 
 class UnsafePickleError(pickle.UnpicklingError, ValueError):
@@ -407,10 +418,14 @@ def read_official_pickle(path, key: str | None = None) -> tuple[dict, dict[str, 
 
     ``key``: the entry holding the network (default ``'ema'``, else ``'net'``, else the only
     Precond). ``extras``: JSON-able summaries of the other entries (encoder, loss_fn,
-    dataset_kwargs) and ``key``.
+    dataset_kwargs) and ``key``. A release ``training-state-<kimg>.pt`` is read too (see
+    :func:`_training_state_network` for ``key``).
     """
     path = os.fspath(path)
     root = read_pickle(path)
+    if isinstance(root, dict) and _is_state_dict(root.get("net")):  # a release training-state-*.pt
+        state, key, extras = _training_state_network(root, key, path)
+        return kwargs_from_state_dict(state, f"{path}[{key!r}]"), state, extras
     rec, key = _find_network(root, key, path)
     where = f"{path}[{key!r}]" if key is not None else path
     if not isinstance(rec, PersistentRecord):
@@ -442,29 +457,153 @@ def read_official_pickle(path, key: str | None = None) -> tuple[dict, dict[str, 
     return kwargs, tensors, extras
 
 
-def load_official_pickle(path, key: str | None = None) -> torch.nn.Module:
-    """The network of an authors' EDM2 pickle as our Precond (fp32, eval mode, no gradients).
+# The file names the release produces or publishes (kimg = images seen // 1000).
+RELEASE_NAME_PATTERNS = {
+    # training/training_loop.py snapshots and reconstruct_phema.py outputs: <prefix>-<kimg>-<std>.pkl
+    "snapshot": re.compile(r"^(?P<prefix>.+?)-(?P<kimg>\d+)-(?P<std>\d+\.\d+)\.pkl$"),
+    # training checkpoints
+    "training-state": re.compile(r"^training-state-(?P<kimg>\d+)\.pt$"),
+}
+_PRESET_RE = re.compile(r"^(?P<preset>edm2-img\d+-[a-z]+)(?P<uncond>-uncond)?$")
 
-    No code from the file runs (see :class:`RestrictedUnpickler`). The returned network
-    remembers its kwargs (``net._init_kwargs``) and the other entries of the file
-    (``net.snapshot_metadata``), so :func:`edm2fast.io.save` can write it as a snapshot.
+
+def parse_release_name(path) -> dict | None:
+    """What a release file name says, or None for other names.
+
+    ``network-snapshot-0134217-0.100.pkl`` -> ``{'kind': 'snapshot', 'prefix': 'network-snapshot',
+    'kimg': 134217, 'nimg': 134217000, 'sigma_rel': 0.1}``; ``edm2-img512-xs-uncond-2147483-0.045.pkl``
+    adds ``'preset': 'edm2-img512-xs', 'uncond': True``; ``training-state-0134217.pt`` gives
+    ``{'kind': 'training-state', 'kimg', 'nimg'}``.
     """
-    from . import io as edm_io
-    path = os.fspath(path)
-    kwargs, tensors, extras = read_official_pickle(path, key)
-    meta = {**metadata_from_filename(path), "converted_from": os.path.basename(path), **extras}
-    return edm_io._assemble(kwargs, tensors, meta, path, "cpu", torch.float32)
-
-
-_NAME_RE = re.compile(r"^(edm2-img\d+-[a-z]+)-(\d+)-(\d+\.\d+)\.pkl$")
+    name = os.path.basename(os.fspath(path))
+    for kind, pattern in RELEASE_NAME_PATTERNS.items():
+        m = pattern.match(name)
+        if not m:
+            continue
+        out = {"kind": kind, "kimg": int(m.group("kimg")), "nimg": int(m.group("kimg")) * 1000}
+        if kind == "snapshot":
+            out["prefix"] = m.group("prefix")
+            out["sigma_rel"] = float(m.group("std"))
+            p = _PRESET_RE.match(m.group("prefix"))
+            if p:
+                out["preset"] = p.group("preset")
+                out["uncond"] = bool(p.group("uncond"))
+        return out
+    return None
 
 
 def metadata_from_filename(path) -> dict:
-    """``preset``, ``nimg`` and ``sigma_rel`` from an authors' file name like ``edm2-img512-xs-2147483-0.135.pkl``."""
-    m = _NAME_RE.match(os.path.basename(os.fspath(path)))
-    if not m:
+    """``preset``, ``nimg`` and ``sigma_rel`` from an authors' file name (see :func:`parse_release_name`)."""
+    info = parse_release_name(path)
+    if info is None:
         return {}
-    return {"preset": m.group(1), "nimg": int(m.group(2)) * 1000, "sigma_rel": float(m.group(3))}
+    return {k: info[k] for k in ("preset", "nimg", "sigma_rel", "uncond") if k in info}
+
+
+def is_foreign_file(path) -> bool:
+    """A pickle or ``torch.save`` zip file, as opposed to safetensors (8-byte length, then '{')."""
+    with open(os.fspath(path), "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return True
+    return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and head[8:9] != b"{"
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints: plain state dicts, kwargs read off the tensors
+
+def _is_state_dict(x) -> bool:
+    return isinstance(x, dict) and bool(x) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in x.items())
+
+
+def kwargs_from_state_dict(state: dict, where: str = "state dict") -> dict:
+    """Precond constructor kwargs that give ``state``'s names and shapes (ValueError if not an EDM2 net).
+
+    Not recorded in weights, and so left at their defaults: ``channels_per_head`` (64 in the
+    release), ``dropout`` and the balances (no effect on sampling).
+    """
+    def shape(name):
+        if name not in state:
+            raise ValueError(f"{where}: no tensor {name!r}; not an EDM2 Precond state dict")
+        return tuple(state[name].shape)
+
+    level_res: list[int] = []
+    blocks = collections.defaultdict(set)
+    for name in state:
+        m = re.match(r"^unet\.enc\.(\d+)x\d+_(conv|down|block(\d+))\.", name)
+        if m:
+            res = int(m.group(1))
+            if res not in level_res:
+                level_res.append(res)
+            if m.group(3) is not None:
+                blocks[res].add(int(m.group(3)))
+    if not level_res:
+        raise ValueError(f"{where}: no 'unet.enc.*' tensors; not an EDM2 Precond state dict")
+    level_res.sort(reverse=True)
+    cblock = [shape(f"unet.dec.{r}x{r}_block0.conv_res1.weight")[0] for r in level_res]
+    cnoise = shape("unet.emb_fourier.freqs")[0]
+    cemb = shape("unet.emb_noise.weight")[0]
+    mc = 0
+    for c in cblock + [cnoise, cemb]:
+        mc = math.gcd(mc, c)
+    attn = sorted({int(m.group(1)) for name in state
+                   for m in [re.match(r"^unet\.(?:enc|dec)\.(\d+)x\d+_block\d+\.attn_qkv\.", name)] if m},
+                  reverse=True)
+    return {
+        "img_resolution": level_res[0], "img_channels": shape("unet.out_conv.weight")[0],
+        "label_dim": shape("unet.emb_label.weight")[1] if "unet.emb_label.weight" in state else 0,
+        "logvar_channels": shape("logvar_fourier.freqs")[0],
+        "model_channels": mc, "channel_mult": [c // mc for c in cblock],
+        "channel_mult_noise": None if cnoise == cblock[0] else cnoise // mc,
+        "channel_mult_emb": None if cemb == max(cblock) else cemb // mc,
+        "num_blocks": len(blocks[level_res[0]]), "attn_resolutions": attn,
+    }
+
+
+def _training_state_network(root: dict, key: str | None, path: str) -> tuple[dict, str, dict]:
+    """``(state_dict, key, extras)`` of the network chosen by ``key`` in a release training state.
+
+    ``key``: ``'ema'`` (default: the first tracked EMA), ``'ema<i>'`` or ``'ema:<std>'`` (one of
+    them), or ``'net'`` (the raw trained weights).
+    """
+    key = key or "ema"
+    ema = root.get("ema")
+    emas, stds = [], []
+    if isinstance(ema, dict) and isinstance(ema.get("emas"), (list, tuple)):
+        emas = [e for e in ema["emas"] if _is_state_dict(e)]
+        stds = [float(s) for s in (ema.get("stds") or [])]
+    elif _is_state_dict(ema):
+        emas = [ema]
+    extras: dict = {"source_key": key}
+    if key == "net":
+        state = root.get("net")
+    else:
+        m = re.fullmatch(r"ema(?::(?P<std>[0-9.]+)|(?P<idx>\d+))?", key)
+        if not m:
+            raise ValueError(f"--ema: {path}: use 'net', 'ema', 'ema<i>' or 'ema:<std>', got {key!r}")
+        if not emas:
+            raise ValueError(f"--ema: {path} holds no EMA state dicts (keys: {sorted(map(str, root))})")
+        idx = 0
+        if m.group("idx") is not None:
+            idx = int(m.group("idx"))
+        elif m.group("std") is not None:
+            want = float(m.group("std"))
+            close = [i for i, s in enumerate(stds) if abs(s - want) < 5e-4]
+            if not close:
+                raise ValueError(f"--ema: {path} tracks sigma_rel {stds}, not {want}")
+            idx = close[0]
+        if idx >= len(emas):
+            raise ValueError(f"--ema: {path} holds {len(emas)} EMAs, no index {idx}")
+        state = emas[idx]
+        if idx < len(stds):
+            extras["sigma_rel"] = stds[idx]
+    if not _is_state_dict(state):
+        raise ValueError(f"{path}[{key!r}]: expected a state dict of tensors")
+    progress = root.get("state")
+    if isinstance(progress, dict) and isinstance(progress.get("cur_nimg"), (int, np.integer)):
+        extras["nimg"] = int(progress["cur_nimg"])
+    return dict(state), key, extras
 
 
 def describe_pickle(path) -> str:

@@ -14,8 +14,10 @@ Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`, or :func:`save_st
 Every file is written through :func:`atomic_path`: a temporary file in the destination's
 folder, flushed and fsynced, then ``os.replace``-d over the destination, so a crash or a
 kill at any moment leaves either the old file or the new one, never a torn one.
-Nothing here calls :mod:`pickle`; the authors' pickles go through :mod:`edm2fast.convert`
-(:func:`load_official_pickle`), which executes no code from the file.
+Nothing here calls :mod:`pickle`: the authors' pickles and ``training-state-*.pt`` files are
+read by :mod:`edm2fast.convert` (a restricted unpickler; no code from the file runs), which
+returns plain kwargs and tensors that :func:`load` / :func:`load_official_pickle` build into
+a network. ``convert`` never imports this module (no import cycle).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+
+from . import convert as _foreign
 
 __all__ = [
     "save", "load", "load_official_pickle", "read_metadata", "save_state_dict", "load_state_dict",
@@ -442,29 +446,32 @@ def load_state_dict(path, device="cpu", dtype=None) -> dict[str, torch.Tensor]:
 
 def _looks_like_pickle(path: str) -> bool:
     """A pickle or torch.save zip file, as opposed to safetensors (8-byte length, then '{')."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04":
-        return True
-    return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and head[8:9] != b"{"
+    return _foreign.is_foreign_file(path)
 
 
-def load(path, device="cpu", dtype=None, *, compute_dtype=None, **overrides) -> torch.nn.Module:
+def _read_foreign(path: str, key: str | None = None) -> tuple[dict, dict, dict]:
+    """``(kwargs, state, meta)`` of an authors' pickle or training state, read without running code."""
+    kwargs, state, extras = _foreign.read_official_pickle(path, key)
+    meta = {**_foreign.metadata_from_filename(path), "converted_from": os.path.basename(path), **extras}
+    return kwargs, state, meta
+
+
+def load(path, device="cpu", dtype=None, *, compute_dtype=None, key: str | None = None,
+         **overrides) -> torch.nn.Module:
     """Rebuild the Precond of a snapshot from the file alone, in eval mode, without gradients.
 
     ``dtype``: parameter precision in memory (``'fp32'`` when None, whatever the file stores).
     ``compute_dtype``: the Precond's compute precision (``'fp16'|'bf16'|'fp32'``, None keeps
     the recorded one). ``overrides``: other constructor kwargs that do not change the
     parameters, e.g. ``channels_last=True`` or ``dropout=0.1``. The snapshot's metadata is
-    attached as ``net.snapshot_metadata``. An authors' pickle (``.pkl``) is converted on the fly
-    (:func:`load_official_pickle`).
+    attached as ``net.snapshot_metadata``. An authors' pickle (``.pkl``) or release training
+    state (``training-state-<kimg>.pt``) is converted on the fly (:func:`load_official_pickle`;
+    ``key`` picks its entry, e.g. ``'ema'``, ``'net'`` or ``'ema:0.100'``).
     """
     path = _check_file(path)
     param_dtype = _as_torch_dtype(dtype if dtype is not None else "fp32")
     if _looks_like_pickle(path):
-        from .convert import metadata_from_filename, read_official_pickle
-        kwargs, state, extras = read_official_pickle(path)
-        meta = {**metadata_from_filename(path), "converted_from": os.path.basename(path), **extras}
+        kwargs, state, meta = _read_foreign(path, key)
     else:
         meta = read_metadata(path)
         kwargs = meta.pop("net_kwargs")
@@ -497,12 +504,18 @@ def _assemble(kwargs: dict, state: dict, meta: dict, path: str, device, param_dt
 
 
 def load_official_pickle(path, key: str | None = None) -> torch.nn.Module:
-    """The authors' released EDM2 pickle as our Precond, executing no code from the file.
+    """The network of an authors' EDM2 pickle (or ``training-state-*.pt``) as our Precond.
 
-    See :func:`edm2fast.convert.load_official_pickle`.
+    fp32, eval mode, no gradients; no code from the file runs (see
+    :class:`edm2fast.convert.RestrictedUnpickler`). The network remembers its kwargs
+    (``net._init_kwargs``) and the other entries of the file (``net.snapshot_metadata``), so
+    :func:`save` can write it as a snapshot.
     """
-    from .convert import load_official_pickle as _load
-    return _load(path, key=key)
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    kwargs, state, meta = _read_foreign(path, key)
+    return _assemble(kwargs, state, meta, path, "cpu", torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------

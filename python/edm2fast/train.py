@@ -6,15 +6,19 @@ One step (``batch`` images, spec §6):
 2. forced weight normalization of every MPConv weight, once, with one multi-tensor
    ``mk.force_normalize_`` call (spec §1 design note: the forward pass stays pure);
 3. ``batch / (batch_gpu * world_size)`` accumulation rounds of ``EDM2Loss``, each seeded
-   from ``(seed, rank, cur_nimg, round)``, gradients summed (DDP all-reduces on the last);
+   from ``(seed, rank, cur_nimg, round)``; each rank backpropagates its loss sum divided by
+   its own images per step (``batch / world_size``) and DDP averages over the ranks, as the
+   release does, so gradients (and Adam's epsilon relative to them) do not depend on the
+   number of processes;
 4. gradients forced finite, Adam (betas 0.9, 0.99) step;
 5. every power-function EMA updated (spec §7).
 
 All randomness of a step (data order, noise levels, noise, dropout) is a function of the
 seed and ``cur_nimg``, so a run stopped at any checkpoint and resumed gives bit-identical
 weights to an uninterrupted one. Rank 0 writes everything (atomically): EMA snapshots
-``<prefix>-<kimg:07d>-<std:.3f>.safetensors``, checkpoints ``training-state-<nimg>.pt``,
-``stats.jsonl`` and ``training_options.json``.
+``<prefix>-<kimg:07d>-<std:.3f>.safetensors``, checkpoints ``training-state-<nimg>.safetensors``,
+``stats.jsonl`` (ours and the release's fields), ``log.txt`` (the console output) and
+``training_options.json``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from .loss import EDM2Loss
 
 __all__ = [
     "SMALL_PRESETS", "TrainConfig", "Trainer", "train", "parse_nimg", "format_nimg", "resolve_preset",
-    "preset_names", "find_checkpoints", "snapshot_name", "ConfigMismatchError",
+    "preset_names", "find_checkpoints", "snapshot_name", "ConfigMismatchError", "describe_config",
+    "RELEASE_STATUS_NIMG",
 ]
 
 Ki, Mi = 1 << 10, 1 << 20
@@ -67,7 +72,10 @@ SMALL_PRESETS: dict[str, dict] = {
 # Config fields that may differ between a checkpoint and the run resuming it: they change
 # neither the trained weights nor the meaning of what is written.
 _RESUMABLE_CHANGES = {"duration", "slice", "status", "checkpoint", "snapshot", "backend", "compile", "workers",
-                      "device", "progress", "keep_checkpoints", "batch_gpu", "run_dir"}
+                      "device", "progress", "keep_checkpoints", "batch_gpu", "run_dir", "bench", "require_labels"}
+
+# The release prints a status line every 128 Ki images.
+RELEASE_STATUS_NIMG = 128 * Ki
 
 _CHECKPOINT_RE = re.compile(r"^training-state-(\d+)\.safetensors$")
 
@@ -171,6 +179,7 @@ class TrainConfig:
     data: str = "digits16"          # dataset: a path, or 'digits16' / 'digits32' (built in)
     preset: str = "digits"
     cond: bool = True               # class-conditional when the dataset has labels
+    require_labels: bool = False    # cond asked for explicitly (--cond): unlabelled data is an error
     channels: int | None = None     # model_channels override
     network: dict | None = None     # other Precond/UNet kwargs over the preset's (Python API)
     dropout: float | None = None
@@ -193,11 +202,12 @@ class TrainConfig:
     prefix: str = "phema"
     checkpoint: Any = None          # images between checkpoints
     keep_checkpoints: int = 2
-    status: Any = None              # images between status lines (default: about 50 per run)
+    status: Any = None              # images between status lines (default: 128Ki, fewer for short runs)
     slice: Any = None               # stop after this many images in this invocation
     device: str | None = None       # default: cuda:LOCAL_RANK if available, else cpu
     workers: int = 0                # DataLoader workers (0: load in the main process)
     progress: bool = True           # tqdm progress bar (rank 0)
+    bench: bool = True              # cuDNN autotuning (torch.backends.cudnn.benchmark), as the release
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -294,6 +304,27 @@ def _resolve(cfg: TrainConfig) -> dict:
         raise ValueError(f"seed: expected an integer >= 0, got {r['seed']!r}")
     if r["workers"] < 0:
         raise ValueError(f"workers: expected an integer >= 0, got {r['workers']!r}")
+    return r
+
+
+def describe_config(config: TrainConfig | dict) -> dict:
+    """The resolved configuration of a run (the preset's defaults filled in) and its dataset, without
+    training: what ``edm2fast train --dry-run`` prints."""
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    r = _resolve(config)
+    from . import data as data_module
+    ds = data_module.open_dataset(r["data"], use_labels=r["cond"])
+    label_dim = int(ds.label_dim) if r["cond"] else 0
+    if r["require_labels"] and r["cond"] and label_dim == 0:
+        raise ValueError(f"cond: a class-conditional model was asked for (--cond), but {r['data']} has no labels; "
+                         "train an unconditional model with --uncond (or --cond=0)")
+    r["dataset"] = {"name": getattr(ds, "name", str(r["data"])), "items": len(ds), "resolution": int(ds.resolution),
+                    "channels": int(ds.num_channels), "label_dim": label_dim, "kind": ds.kind}
+    r["network"] = dict(r["network"], img_resolution=int(ds.resolution), img_channels=int(ds.num_channels),
+                        label_dim=label_dim)
+    if r["status"] is None:
+        r["status"] = min(RELEASE_STATUS_NIMG, max(r["batch"], r["duration"] // 50 // r["batch"] * r["batch"]))
     return r
 
 
@@ -428,6 +459,24 @@ def _peak_memory_gib(device: torch.device) -> float:
     return rss / 2 ** 20 if sys.platform != "darwin" else rss / 2 ** 30
 
 
+def _cpu_memory_gib() -> float:
+    """Resident memory of this process now (Linux ``/proc``), else its peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+    except (OSError, ValueError, IndexError):
+        return _peak_memory_gib(torch.device("cpu"))
+
+
+def _format_time(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s // 60 % 60:02d}m"
+
+
 class Trainer:
     """Holds the run's state; :meth:`run` trains until ``duration`` or the end of the ``slice``.
 
@@ -449,8 +498,12 @@ class Trainer:
         self.data = _Data(cfg["data"], cfg["cond"], int(cfg["seed"]), self.rank, self.world_size)
         if cfg["dtype"] is None:
             cfg["dtype"] = "fp16" if self.device.type == "cuda" else "fp32"
-        if cfg["status"] is None:
-            cfg["status"] = max(cfg["batch"], cfg["duration"] // 50 // cfg["batch"] * cfg["batch"])
+        if cfg["require_labels"] and cfg["cond"] and self.data.label_dim == 0:
+            raise ValueError(f"cond: a class-conditional model was asked for (--cond), but {self.data.name} has "
+                             "no labels; train an unconditional model with --uncond (or --cond=0)")
+        if cfg["status"] is None:  # the release's 128Ki, or about 50 lines for short runs
+            cfg["status"] = min(RELEASE_STATUS_NIMG,
+                                max(cfg["batch"], cfg["duration"] // 50 // cfg["batch"] * cfg["batch"]))
 
         world = self.world_size
         if cfg["batch"] % world:
@@ -483,6 +536,7 @@ class Trainer:
                                           fused=fused or None)
         self.ema = phema.PowerFunctionEMA(self.net, stds=cfg["ema_stds"])
         self.cur_nimg = 0
+        self.total_elapsed = 0.0  # seconds of training over every invocation (stats.jsonl Timing/total_sec)
         self._ddp = None
         self._forward = self.net
         self.resumed_from = None
@@ -509,6 +563,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = False  # as the reference (spec §6)
             torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.benchmark = bool(self.cfg["bench"])
         self.distributed = world > 1
         if self.distributed and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -518,8 +573,12 @@ class Trainer:
             self._owns_process_group = False
 
     def log(self, msg: str) -> None:
+        """A console line (rank 0), also appended to ``RUN_DIR/log.txt``."""
         if not self.is_writer:
             return
+        if os.path.isdir(self.run_dir):
+            with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
+                f.write(msg + "\n")
         if self._log_fn is not None:
             self._log_fn(msg)
         else:
@@ -539,7 +598,7 @@ class Trainer:
         state = {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "ema": self.ema.state_dict(), "rng": edm_io.rng_state()}
         meta = {"config": self.cfg, "network_kwargs": self.network_kwargs, "cur_nimg": self.cur_nimg,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "total_elapsed": self.total_elapsed}
         return state, meta
 
     def load_state_dict(self, state: dict, meta: dict, path: str = "checkpoint") -> None:
@@ -556,6 +615,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
         self.cur_nimg = int(meta["cur_nimg"])
+        self.total_elapsed = float(meta.get("total_elapsed", 0.0))
         if meta.get("world_size") != self.world_size:
             self.log(f"note: the checkpoint was written by {meta.get('world_size')} processes, now "
                      f"{self.world_size}; training continues correctly but not bit-identically")
@@ -645,17 +705,19 @@ class Trainer:
         first = cur_nimg // self.world_size + j * self.batch_gpu  # this rank's items seen so far
         return self.data.fetch(first, self.batch_gpu, self.device, generator)
 
-    def step(self) -> tuple[float, int]:
-        """One optimizer step; returns (sum of per-element losses of this rank, element count)."""
+    def accumulate_gradients(self) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """The gradients of one step at ``cur_nimg`` (all-reduced under DDP), in ``.grad``.
+
+        Returns (sum of this rank's per-element losses, element count, sum of their squares).
+        Each rank backpropagates ``loss.sum() * loss_scale / (batch / world_size)``, its own
+        images per step, before DDP's all-reduce *average*: the release's semantics, so the
+        gradients equal one process's on the same global batch.
+        """
         cfg = self.cfg
-        lr = schedule.learning_rate(self.cur_nimg, cfg["batch"], ref_lr=cfg["lr"], ref_batches=cfg["decay"],
-                                    rampup_Mimg=cfg["rampup"])
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.lr = lr
-        mk.force_normalize_(self._mpconv_weights)  # forced weight normalization (paper Eq. 66)
+        per_rank = cfg["batch"] // self.world_size
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros([], dtype=torch.float64, device=self.device)
+        loss_sq = torch.zeros([], dtype=torch.float64, device=self.device)
         count = 0
         for j in range(self.rounds):
             seed = _step_seed(cfg["seed"], self.rank, self.cur_nimg, j)
@@ -665,9 +727,22 @@ class Trainer:
             sync = self._ddp is None or j == self.rounds - 1
             with contextlib.nullcontext() if sync else self._ddp.no_sync():
                 loss = self.loss_fn(self._forward, images, labels, generator=gen)
-                (loss.sum() * (cfg["loss_scale"] / cfg["batch"])).backward()
+                (loss.sum() * (cfg["loss_scale"] / per_rank)).backward()
             loss_sum += loss.detach().sum().double()
+            loss_sq += loss.detach().double().square().sum()
             count += loss.numel()
+        return loss_sum, count, loss_sq
+
+    def step(self) -> tuple[torch.Tensor, int]:
+        """One optimizer step; returns (sum of per-element losses of this rank, element count)."""
+        cfg = self.cfg
+        lr = schedule.learning_rate(self.cur_nimg, cfg["batch"], ref_lr=cfg["lr"], ref_batches=cfg["decay"],
+                                    rampup_Mimg=cfg["rampup"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.lr = lr
+        mk.force_normalize_(self._mpconv_weights)  # forced weight normalization (paper Eq. 66)
+        loss_sum, count, self._last_loss_sq = self.accumulate_gradients()
         for p in self.net.parameters():
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)  # force finite
@@ -715,6 +790,7 @@ class Trainer:
                 bar = None
         stats_path = os.path.join(self.run_dir, "stats.jsonl")
         window_loss, window_count, window_t0, window_n0 = 0.0, 0, time.time(), self.cur_nimg
+        window_sq, maintenance, tick = 0.0, 0.0, 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         last_loss = float("nan")
@@ -723,27 +799,45 @@ class Trainer:
                 prev = self.cur_nimg
                 loss_sum, count = self.step()
                 window_loss += float(loss_sum)
+                window_sq += float(self._last_loss_sq)
                 window_count += count
                 if bar is not None:
                     bar.update(self.cur_nimg - prev)
                 done = self.cur_nimg >= duration
                 crossed = lambda interval: self.cur_nimg // interval > prev // interval  # noqa: E731
                 if crossed(cfg["status"]) or self.cur_nimg >= stop:
-                    tot_loss, tot_count = self._reduce([window_loss, float(window_count)])
+                    tot_loss, tot_count, tot_sq = self._reduce([window_loss, float(window_count), window_sq])
                     last_loss = tot_loss / max(tot_count, 1)
-                    elapsed = time.time() - window_t0
+                    loss_std = math.sqrt(max(tot_sq / max(tot_count, 1) - last_loss ** 2, 0.0))
+                    now = time.time()
+                    elapsed = now - window_t0
+                    self.total_elapsed += elapsed
+                    tick += 1
                     sec_per_kimg = elapsed / max(self.cur_nimg - window_n0, 1) * 1000
                     mem = self._reduce([_peak_memory_gib(self.device)])[0] / self.world_size
+                    reserved = (torch.cuda.max_memory_reserved(self.device) / 2 ** 30
+                                if self.device.type == "cuda" else 0.0)
                     rec = {"nimg": self.cur_nimg, "kimg": self.cur_nimg / 1000, "loss": last_loss, "lr": self.lr,
-                           "sec_per_kimg": sec_per_kimg, "peak_mem_gib": mem, "time": time.time()}
+                           "sec_per_kimg": sec_per_kimg, "peak_mem_gib": mem, "time": now,
+                           # The release's stats.jsonl fields (training_stats names), for its plotting scripts.
+                           "Progress/tick": tick, "Progress/kimg": self.cur_nimg / 1000, "Progress/augment": 0,
+                           "Progress/lr": self.lr, "Loss/loss": last_loss, "Loss/loss_std": loss_std,
+                           "Timing/total_sec": self.total_elapsed, "Timing/sec_per_tick": elapsed,
+                           "Timing/sec_per_kimg": sec_per_kimg,
+                           "Timing/images_per_sec": (self.cur_nimg - window_n0) / max(elapsed, 1e-9),
+                           "Timing/maintenance_sec": maintenance, "Resources/cpu_mem_gb": _cpu_memory_gib(),
+                           "Resources/peak_gpu_mem_gb": mem if self.device.type == "cuda" else 0.0,
+                           "Resources/peak_gpu_mem_reserved_gb": reserved, "timestamp": now}
                     self.log(f"kimg {self.cur_nimg / 1000:10.3f}  sec/kimg {sec_per_kimg:7.2f}  loss {last_loss:.4f}  "
-                             f"lr {self.lr:.3g}  peak mem {mem:.2f} GiB")
+                             f"lr {self.lr:.3g}  peak mem {mem:.2f} GiB  time {_format_time(self.total_elapsed)}")
                     if self.is_writer:
                         with open(stats_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
-                    window_loss, window_count, window_t0, window_n0 = 0.0, 0, time.time(), self.cur_nimg
+                    window_loss, window_count, window_sq, window_t0, window_n0 = 0.0, 0, 0.0, time.time(), self.cur_nimg
+                    maintenance = 0.0
                     if self.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(self.device)
+                t_maint = time.time()
                 if crossed(cfg["snapshot"]) or done:
                     self.save_snapshots()
                 if crossed(cfg["checkpoint"]) or self.cur_nimg >= stop:
@@ -751,6 +845,7 @@ class Trainer:
                     path = self.save_checkpoint()
                     self.log(f"checkpoint {os.path.basename(path)} (weights sha256 {fp[:16]}, identical on "
                              f"{self.world_size} process{'es' if self.world_size > 1 else ''})")
+                maintenance += time.time() - t_maint
         finally:
             if bar is not None:
                 bar.close()

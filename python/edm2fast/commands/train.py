@@ -8,7 +8,11 @@ Examples::
         --preset edm2-img512-xs
 
 Re-running the same command resumes from the newest checkpoint in ``--outdir``;
-``--slice 2Mi`` stops after 2 Mi more images (for time-limited jobs).
+``--slice 2Mi`` stops after 2 Mi more images (for time-limited jobs). As in the release,
+``--data`` is required and ``--preset`` defaults to edm2-img512-s (pass ``--preset digits``
+for the small demo); ``-n``/``--dry-run`` prints the resolved configuration and exits.
+The release's flags ``--cond=0``, ``--fp16=0``, ``--ls``, ``--bench`` and ``--batch-gpu 0`` work as
+they do there.
 """
 
 from __future__ import annotations
@@ -78,6 +82,22 @@ def unit_float(value: str) -> float:
     return _float(value, lo=0, hi=1)
 
 
+def bool_arg(value: str) -> bool:
+    """The release's BOOL options: 1/0, true/false, yes/no, on/off."""
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false, yes/no), got {value!r}")
+
+
+def batch_gpu_arg(value: str):
+    """``--batch-gpu``: images per process per round; 0 (the release's default) = no limit."""
+    v = nimg_arg(value)
+    return None if v == 0 else v
+
+
 def std_list(value: str) -> list[float]:
     """Comma-separated sigma_rel values, each in (0, 0.2887)."""
     from ..phema import MAX_STD
@@ -102,11 +122,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--outdir", required=True, metavar="DIR",
                    help="run folder: checkpoints, EMA snapshots, stats.jsonl (resumed if it holds a checkpoint)")
-    g.add_argument("--data", default="digits16", metavar="PATH|NAME",
-                   help="image folder, zip, .npy/.npz (images or latents), or built-in 'digits16'/'digits32' "
-                        "(default: %(default)s)")
+    g.add_argument("--data", required=True, metavar="PATH|NAME",
+                   help="image folder, zip, .npy/.npz (images or latents), or built-in 'digits16'/'digits32'")
+    g.add_argument("--cond", nargs="?", const=True, default=None, type=bool_arg, metavar="BOOL",
+                   help="class-conditional model: an error if the dataset has no labels; --cond=0 is --uncond "
+                        "(default: conditional when the dataset has labels)")
     g.add_argument("--uncond", action="store_true", help="ignore the dataset's labels (an unconditional model, "
                    "e.g. the guiding network of classifier-free guidance)")
+    g.add_argument("-n", "--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default: %(default)s)")
     g.add_argument("--slice", type=nimg_arg, default=None, metavar="NIMG",
                    help="stop after this many more images (checkpoint written); run again to continue")
@@ -115,9 +138,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
 
     g = parser.add_argument_group("model and hyperparameters (default: the preset's)")
-    g.add_argument("--preset", default="digits", choices=preset_names(), metavar="NAME",
+    g.add_argument("--preset", default="edm2-img512-s", choices=preset_names(), metavar="NAME",
                    help=f"{', '.join(sorted(SMALL_PRESETS))} (small, quick) or a paper preset edm2-img512-xs ... "
-                        "edm2-img64-xl (default: %(default)s)")
+                        "edm2-img64-xl (default: %(default)s, as the release)")
     g.add_argument("--channels", type=positive_int, default=None, help="model channels (model_channels)")
     g.add_argument("--dropout", type=unit_float, default=None, help="dropout probability")
     g.add_argument("--lr", type=nonneg_float, default=None, help="reference learning rate alpha_ref")
@@ -130,15 +153,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--duration", type=nimg_arg, default=None, metavar="NIMG",
                    help="training length in images: 4096, 128Ki, 8Mi, 100k ...")
     g.add_argument("--batch", type=positive_int, default=None, help="images per optimizer step, all processes")
-    g.add_argument("--batch-gpu", type=positive_int, default=None, metavar="N",
-                   help="images per process per round; smaller values accumulate gradients over rounds")
+    g.add_argument("--batch-gpu", type=batch_gpu_arg, default=None, metavar="N",
+                   help="images per process per round; smaller values accumulate gradients over rounds "
+                        "(default or 0: the whole per-process batch)")
     g.add_argument("--ema-stds", type=std_list, default=[0.050, 0.100], metavar="S1,S2",
                    help="sigma_rel of the tracked power-function EMAs (default: 0.050,0.100)")
-    g.add_argument("--loss-scale", type=positive_float, default=1.0, help="fixed loss scale (default: 1)")
+    g.add_argument("--loss-scale", "--ls", dest="loss_scale", type=positive_float, default=1.0,
+                   help="fixed loss scale (default: 1)")
 
     g = parser.add_argument_group("speed and precision")
     g.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="compute precision of the U-Net (default: fp16 on CUDA, fp32 on CPU)")
+    g.add_argument("--fp16", type=bool_arg, default=None, metavar="BOOL",
+                   help="the release's switch: --fp16=1 is --dtype fp16, --fp16=0 is --dtype fp32")
+    g.add_argument("--bench", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="cuDNN autotuning, torch.backends.cudnn.benchmark (default: 1, as the release)")
     g.add_argument("--backend", default="auto", help="mpkernels backend: auto, reference, triton, cuda")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
 
@@ -153,15 +182,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-checkpoints", type=positive_int, default=2, metavar="N",
                    help="checkpoints kept on disk (default: 2)")
     g.add_argument("--status", type=nimg_arg, default=None, metavar="NIMG",
-                   help="images between status lines (default: about 50 per run)")
+                   help="images between status lines, also written to stats.jsonl and log.txt "
+                        "(default: 128Ki as the release, or about 50 per run for shorter runs)")
 
 
 def config_from_args(args):
     from ..train import TrainConfig
+    if args.cond is not None and args.uncond and args.cond:
+        raise UserError("--cond and --uncond: pick one")
+    cond = not args.uncond and args.cond is not False
+    dtype = args.dtype
+    if args.fp16 is not None:
+        if dtype is not None and dtype != ("fp16" if args.fp16 else "fp32"):
+            raise UserError(f"--fp16={int(args.fp16)} contradicts --dtype {dtype}")
+        dtype = "fp16" if args.fp16 else "fp32"
     return TrainConfig(
-        run_dir=args.outdir, data=args.data, preset=args.preset, cond=not args.uncond, channels=args.channels,
+        run_dir=args.outdir, data=args.data, preset=args.preset, cond=cond, require_labels=args.cond is True,
+        bench=args.bench, channels=args.channels,
         dropout=args.dropout, lr=args.lr, decay=args.decay, P_mean=args.P_mean, P_std=args.P_std,
-        duration=args.duration, batch=args.batch, batch_gpu=args.batch_gpu, rampup=args.rampup, dtype=args.dtype,
+        duration=args.duration, batch=args.batch, batch_gpu=args.batch_gpu, rampup=args.rampup, dtype=dtype,
         loss_scale=args.loss_scale, backend=args.backend, compile=args.compile, seed=args.seed,
         ema_stds=tuple(args.ema_stds), snapshot=args.snapshot, snapshot_dtype=args.snapshot_dtype,
         prefix=args.prefix, checkpoint=args.checkpoint, keep_checkpoints=args.keep_checkpoints,
@@ -172,6 +211,11 @@ def run(args) -> int:
     from .. import train
     try:
         config = config_from_args(args)
+        if args.dry_run:
+            import json
+            print(json.dumps(train.describe_config(config), indent=2, sort_keys=True))
+            print("dry run; exiting")
+            return 0
         train.train(config)
     except (train.ConfigMismatchError, ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The Triton tests under the GPU machine's versions: torch 2.11.0 + Triton 3.6.0, in .venv-compat/
+# (created on first use, next to the main .venv). Extra pytest arguments are passed on.
+#
+# The torch 2.11 wheel is a CUDA build whose import needs the CUDA libraries (cuDNN, cuBLAS,
+# NCCL, ...: about 3 GB as pip packages). When the main .venv's torch is a CUDA 13 build, those
+# libraries are already there: torch and Triton are installed without dependencies (~530 MB
+# download) and the main .venv's nvidia/ folder is linked in (same sonames; nothing runs on a
+# GPU here). Otherwise, or when torch still fails to import, the full install is done.
+#
+# Selection: the Triton test files (tests/test_triton_*.py, the AOT compile check included),
+# without slow tests and without the torch.compile model test (minutes in the interpreter);
+# about 6 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH=${COMPAT_TORCH:-2.11.0}
+TRITON=${COMPAT_TRITON:-3.6.0}
+V=.venv-compat
+PY=${PYTHON:-python3}
+t0=$(date +%s)
+
+installed() {
+  "$V/bin/python" - "$TORCH" "$TRITON" <<'EOF' 2>/dev/null
+import sys, torch, triton, numpy, pytest
+sys.exit(0 if (torch.__version__.split("+")[0], triton.__version__) == tuple(sys.argv[1:3]) else 1)
+EOF
+}
+
+if ! installed; then
+  [ -x "$V/bin/python" ] || "$PY" -m venv "$V"
+  pip() { "$V/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
+  # torch's own pure-Python dependencies, and what the tests import.
+  pip typing_extensions filelock sympy networkx jinja2 fsspec numpy safetensors Pillow pytest
+  site=$("$V/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  main_nvidia=$(.venv/bin/python -c "import sysconfig, os; p = os.path.join(sysconfig.get_paths()['purelib'], 'nvidia'); print(p if os.path.isdir(os.path.join(p, 'cudnn')) else '')" 2>/dev/null || true)
+  if [ -n "$main_nvidia" ]; then
+    pip --no-deps "torch==$TORCH" "triton==$TRITON"
+    [ -e "$site/nvidia" ] || ln -s "$main_nvidia" "$site/nvidia"
+  fi
+  if ! installed; then
+    echo "test_compat: linking the main .venv's CUDA libraries did not work; full install of torch $TORCH" >&2
+    [ -L "$site/nvidia" ] && rm "$site/nvidia"
+    pip "torch==$TORCH" "triton==$TRITON"
+  fi
+  installed || { echo "test_compat: torch $TORCH / Triton $TRITON do not import in $V" >&2; exit 1; }
+fi
+"$V/bin/python" -c "import torch, triton, numpy; print('compat: torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+echo "compat: environment ready in $(( $(date +%s) - t0 )) s"
+# No CUDA extension in this venv: its tests (which build it) stay with the main run.
+"$V/bin/python" -m pytest -q -p no:cacheprovider -m "not slow and not gpu" -k "not test_precond_compiled" \
+  tests/test_triton_*.py "$@"
+echo "compat: done in $(( $(date +%s) - t0 )) s"
