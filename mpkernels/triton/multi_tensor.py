@@ -260,8 +260,9 @@ def _chunk_table(es: list[torch.Tensor], ts: list[torch.Tensor]) -> torch.Tensor
 
 
 def _key(kind: str, *lists):
-    # Addresses, shapes and dtypes determine a table's content (offsets between the tensors).
-    return (kind,) + tuple((t.data_ptr(), tuple(t.shape), t.dtype, t.device) for ts in lists for t in ts)
+    # Addresses, shapes and dtypes determine a table's content (offsets between the tensors);
+    # the tensors share one device (validated by mpkernels.functional).
+    return (kind, lists[0][0].device) + tuple((t.data_ptr(), tuple(t.shape), t.dtype) for ts in lists for t in ts)
 
 
 def _row_groups(tensors):

@@ -1,6 +1,8 @@
 """Post-hoc EMA: reconstruct EMA networks of any length from stored snapshots (spec §7).
 
-The trainer stores snapshots of power-function EMAs (``<prefix>-<kimg:07d>-<std:.3f>.safetensors``).
+The trainer stores snapshots of power-function EMAs (``<prefix>-<kimg:07d>-<std:.3f>.safetensors``);
+the release's pickles (``network-snapshot-<kimg>-<std>.pkl``, ``<preset>-<kimg>-<std>.pkl``) are
+inputs too, read by the restricted unpickler of :mod:`edm2fast.convert` (no code runs).
 Any other profile ``(t_o, sigma_o)`` is approximated by the least-squares combination
 ``theta_o = sum_i x_i theta_i`` of the snapshots taken at ``t_i <= t_o``
 (:func:`edm2fast.phema.solve_posthoc_coefficients`).
@@ -24,6 +26,7 @@ import re
 import numpy as np
 import torch
 
+from . import convert as foreign
 from . import io as edm_io
 from . import phema
 
@@ -59,22 +62,49 @@ def check_stds(stds, name: str = "sigma_rel") -> list[float]:
     return values
 
 
-def list_snapshots(directory, prefix: str | None = None) -> list[Snapshot]:
+def snapshot_name_info(name: str) -> dict | None:
+    """``{'prefix', 'kimg', 'sigma_rel', 'release'}`` for an input file name (ours or the release's), else None."""
+    m = _SNAPSHOT_RE.match(name)
+    if m:
+        return {"prefix": m.group("prefix"), "kimg": int(m.group("kimg")), "sigma_rel": float(m.group("std")),
+                "release": False}
+    info = foreign.parse_release_name(name)
+    if info is not None and info["kind"] == "snapshot":
+        return {"prefix": info["prefix"], "kimg": info["kimg"], "sigma_rel": info["sigma_rel"], "release": True}
+    return None
+
+
+def _matches_std(std: float, wanted) -> bool:
+    return wanted is None or any(abs(std - float(w)) < 5e-4 for w in wanted)
+
+
+def list_snapshots(directory, prefix: str | None = None, in_stds=None) -> list[Snapshot]:
     """The power-function EMA snapshots in ``directory``, sorted by (nimg, sigma_rel).
 
-    Only file headers are read. Post-hoc results (metadata ``posthoc``) are skipped: they are
-    not power-function profiles. Raises ValueError for an unreadable snapshot, a folder
-    holding several runs' prefixes when ``prefix`` is not given, or no snapshot at all.
+    Ours (``.safetensors``: only headers are read) and the release's pickles (read whole,
+    safely; their time is the file name's kimg * 1000). Post-hoc results (metadata
+    ``posthoc``) are skipped: they are not power-function profiles. ``in_stds``: keep only
+    inputs of these sigma_rel (the release's ``--instd``). Raises ValueError for an unreadable
+    snapshot, a folder holding several runs' prefixes when ``prefix`` is not given, or no
+    snapshot at all.
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such folder")
     found = []
     for name in sorted(os.listdir(directory)):
-        m = _SNAPSHOT_RE.match(name)
-        if not m or (prefix is not None and m.group("prefix") != prefix):
+        info = snapshot_name_info(name)
+        if info is None or (prefix is not None and info["prefix"] != prefix):
+            continue
+        if not _matches_std(info["sigma_rel"], in_stds):
             continue
         path = os.path.join(directory, name)
+        if info["release"]:
+            kwargs, _, extras = foreign.read_official_pickle(path)
+            meta = {"net_kwargs": kwargs, "nimg": info["kimg"] * 1000, "sigma_rel": info["sigma_rel"],
+                    "converted_from": name, **foreign.metadata_from_filename(path)}
+            found.append(Snapshot(path, meta["nimg"], info["sigma_rel"], info["prefix"], meta))
+            continue
         meta = edm_io.read_metadata(path)  # ValueError naming the file if corrupt
         if meta.get("posthoc"):
             continue
@@ -83,10 +113,12 @@ def list_snapshots(directory, prefix: str | None = None) -> list[Snapshot]:
             std = float(meta["sigma_rel"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: snapshot metadata lacks 'nimg' or 'sigma_rel'") from None
-        found.append(Snapshot(path, nimg, std, m.group("prefix"), meta))
+        found.append(Snapshot(path, nimg, std, info["prefix"], meta))
     if not found:
         what = f" with prefix {prefix!r}" if prefix is not None else ""
-        raise ValueError(f"{directory}: no EMA snapshots{what} (<prefix>-<kimg>-<std>.safetensors)")
+        what += f" and sigma_rel in {list(in_stds)}" if in_stds is not None else ""
+        raise ValueError(f"{directory}: no EMA snapshots{what} (<prefix>-<kimg>-<std>.safetensors, or the "
+                         "release's <prefix>-<kimg>-<std>.pkl)")
     prefixes = sorted({s.prefix for s in found})
     if len(prefixes) > 1:
         raise ValueError(f"{directory}: snapshots of several runs ({', '.join(prefixes)}); choose one with prefix")
@@ -151,7 +183,7 @@ def reconstruct_states(snapshots, out_stds, out_nimg: int | None = None, max_out
         for i, snap in enumerate(inputs):
             if progress is not None:
                 progress(i, len(inputs), snap.path)
-            state = edm_io.load_state_dict(snap.path, device=device)
+            state = _read_state(snap, device)
             for k, col in enumerate(cols):
                 c = float(coefs[i, col])
                 if accs[k] is None:
@@ -173,6 +205,12 @@ def reconstruct_states(snapshots, out_stds, out_nimg: int | None = None, max_out
             accs[k] = None
 
 
+def _read_state(snap: Snapshot, device="cpu") -> dict:
+    if snap.path.endswith(".safetensors"):
+        return edm_io.load_state_dict(snap.path, device=device)
+    return {k: v.to(device) for k, v in foreign.read_official_pickle(snap.path)[1].items()}
+
+
 def _as_snapshots(source, prefix=None) -> list[Snapshot]:
     if isinstance(source, (str, os.PathLike)):
         return list_snapshots(source, prefix)
@@ -184,13 +222,14 @@ def _as_snapshots(source, prefix=None) -> list[Snapshot]:
 
 def reconstruct_to_files(source, out_dir, out_stds, out_nimg: int | None = None, *, prefix: str | None = None,
                          out_prefix: str | None = None, dtype: str = "fp16", max_outputs: int = 8,
-                         progress=None) -> list[str]:
+                         progress=None, skip_existing: bool = False) -> list[str]:
     """Reconstruct and write one snapshot per sigma_rel into ``out_dir``; returns the paths.
 
     ``source``: a folder of snapshots or :func:`list_snapshots`' result. Outputs are named
     like the inputs (``<prefix>-<kimg:07d>-<std:.3f>.safetensors``) and carry the inputs'
     metadata plus ``posthoc: true``, ``sigma_rel`` and ``nimg``. An output never replaces
-    one of its inputs.
+    one of its inputs. ``skip_existing``: outputs whose file exists are not made again (and
+    not returned), as the release's ``--skip``.
     """
     from .train import snapshot_name
     snaps = _as_snapshots(source, prefix)
@@ -207,6 +246,11 @@ def reconstruct_to_files(source, out_dir, out_stds, out_nimg: int | None = None,
     for p in planned:
         if os.path.realpath(p) in input_paths:
             raise ValueError(f"{p}: would overwrite an input snapshot; choose another output folder")
+    if skip_existing:
+        todo = [k for k, p in enumerate(planned) if not os.path.exists(p)]
+        out_stds, planned = [out_stds[k] for k in todo], [planned[k] for k in todo]
+        if not out_stds:
+            return []
     base_meta = {k: v for k, v in inputs[-1].metadata.items() if k != "net_kwargs"}
     net_kwargs = inputs[0].net_kwargs
     paths = []
