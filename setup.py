@@ -32,6 +32,18 @@ def _extension_kwargs() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": build.build_ext_class()}}
 
 
+def _torchvision_requirement() -> str:
+    """torchvision (needed by timm and torch-fidelity) pins one torch release: torch 2.M.x goes with
+    torchvision 0.(M+15).x. Asking for that series keeps pip from replacing an installed torch."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = (int(p) for p in version("torch").split(".")[:2])
+    except Exception:  # torch not installed yet, or an unusual version string
+        return "torchvision"
+    return f"torchvision>=0.{minor + 15},<0.{minor + 16}" if major == 2 else "torchvision"
+
+
 install_requires = ["torch>=2.4", "numpy", "safetensors", "Pillow"]  # io.load and generate need the last two
 if sys.platform.startswith("linux"):
     install_requires.append("triton")
@@ -41,6 +53,8 @@ extras = {
     "test": ["pytest", "pytest-benchmark", "hypothesis", "nvidia-cuda-cuobjdump>=13,<14; sys_platform == 'linux'"],
     "train": ["tqdm", "matplotlib", "scikit-learn"],
     "latent": ["diffusers>=0.20", "huggingface_hub"],  # sd-vae-ft-mse for the img512 models (edm2fast.vae)
+    # FID (torch-fidelity's TF-compatible Inception) and FD_DINOv2 (timm) for edm2fast.metrics
+    "metrics": ["scipy", "torch-fidelity>=0.3", "timm>=1.0", _torchvision_requirement()],
 }
 extras["all"] = sorted({r for rs in extras.values() for r in rs} | {"ninja"})
 

@@ -178,3 +178,69 @@ def sampling(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch.dev
     t = timeit(run, device, min_time=min_time, max_reps=10, warmup=1)
     return {"backend": backend, "ms_per_batch": t["median_ms"], "images_per_s": batch / (t["median_ms"] * 1e-3),
             "evaluations_per_image": 2 * num_steps - 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# "Your network, accelerated": what edm2fast.accelerate buys an existing EDM2-style network.
+
+def load_user_net(spec: str):
+    """``'package.module:callable'`` -> the callable; each call must return a fresh EDM2-style network.
+
+    The network is called like the release's ``Precond`` (``net(x, sigma, labels, return_logvar=True)``)
+    and has ``img_channels``, ``img_resolution`` and ``label_dim`` attributes.
+    """
+    import importlib
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"--user-net: expected 'package.module:callable', got {spec!r}")
+    mod_name, attr = spec.split(":")
+    obj = importlib.import_module(mod_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"--user-net: {spec!r} is not callable")
+    return obj
+
+
+def accelerated_train_step(make_net, batch: int, device: torch.device, min_time: float, backend: str = "auto",
+                           label: str = "your network") -> list[dict]:
+    """Training-step time of ``make_net()`` as written, then after ``edm2fast.accelerate(net, backend)``.
+
+    Step = forward (with the network's own forced weight normalization), EDM2 loss, backward, Adam.
+    The baseline is ``accelerate(net, 'reference')``: the release's modules keep their own code and
+    this project's network is pinned to the reference ops.
+    """
+    import edm2fast
+    from edm2fast.loss import EDM2Loss
+
+    rows = []
+    for accelerated in (False, True):
+        torch.manual_seed(0)
+        net = make_net().to(device).train()
+        for attr in ("img_channels", "img_resolution", "label_dim"):
+            if not hasattr(net, attr):
+                raise ValueError(f"--user-net: the network has no attribute {attr!r} (expected an EDM2 Precond)")
+        report = edm2fast.accelerate(net, backend if accelerated else "reference")
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99))
+        loss_fn = EDM2Loss()
+        x, labels = _batch(net, batch, device)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            (loss_fn(net, x, labels).sum() / batch).backward()
+            opt.step()
+
+        step()  # warm-up
+        with PeakMemory(device) as pm:
+            step()
+        t = timeit(step, device, min_time=min_time, max_reps=50, warmup=1)
+        rows.append({"variant": label + (", accelerated" if accelerated else ""), "backend": report.backend,
+                     "switched": len(report.switched), "left": [f"{n or '<root>'}: {why}" for n, _, why in report.left],
+                     "ms_per_step": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
+                     "images_per_s": batch / (t["median_ms"] * 1e-3), "peak_mem_bytes": pm.peak})
+    rows[1]["speedup"] = rows[0]["ms_per_step"] / rows[1]["ms_per_step"]
+    return rows
+
+
+def default_user_net(net_kwargs: dict, dtype: torch.dtype, device):
+    """This project's network, for the "your network, accelerated" row when no --user-net is given."""
+    return lambda: _build(net_kwargs, dtype, device)

@@ -51,6 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--no-model", action="store_true", help="skip the model-level training/sampling timings")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--user-net", default=None, metavar="MODULE:CALLABLE",
+                   help="your own EDM2-style network for the 'your network, accelerated' row: an import path to a "
+                        "callable returning a fresh Precond-like network (default: this project's network)")
+    p.add_argument("--accelerate-backend", default="auto",
+                   help="backend given to edm2fast.accelerate for that row (default auto)")
     return p.parse_args(argv)
 
 
@@ -196,14 +201,56 @@ def main(argv=None) -> int:
         report["sampling"] = samp
         R.print_model(report)
 
+        # "your network, accelerated": the same training step before and after edm2fast.accelerate
+        try:
+            if args.user_net:
+                make_net, label = M.load_user_net(args.user_net), f"your network ({args.user_net})"
+            else:
+                make_net, label = M.default_user_net(net_kwargs, dt, device), "your network (edm2fast Precond)"
+            user_rows = M.accelerated_train_step(make_net, batch, device, min_time=0.1 if args.quick else 1.0,
+                                                 backend=args.accelerate_backend, label=label)
+        except Exception as e:
+            user_rows = [{"variant": "your network, accelerated", "error": f"{type(e).__name__}: {e}"[:300]}]
+        report["user_net"] = {"user_net": args.user_net, "backend": args.accelerate_backend, "rows": user_rows}
+        _print_user_net(user_rows)
+
     report["elapsed_s"] = time.time() - t_start
     report["parity_failures"] = len(failed)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     R.write_markdown(report, os.path.join(out_dir, "report.md"))
+    if report.get("user_net"):
+        with open(os.path.join(out_dir, "report.md"), "a") as f:
+            f.write("\n" + _user_net_markdown(report["user_net"]["rows"]))
     R.plot(report, os.path.join(out_dir, "speedup.png"))
     print(f"wrote {out_dir}/report.json, report.md, speedup.png in {report['elapsed_s']:.0f} s", flush=True)
     if failed:
         print(f"PARITY FAILED in {len(failed)} row(s)", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_user_net(rows: list[dict]) -> None:
+    print("your network, accelerated (training step before/after edm2fast.accelerate):")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['variant']:<40} ERROR {r['error']}")
+            continue
+        extra = f"  x{r['speedup']:.2f}" if "speedup" in r else ""
+        print(f"  {r['variant']:<40} {r['images_per_s']:9.1f} img/s  {r['ms_per_step']:9.2f} ms/step{extra}")
+        for why in r.get("left", [])[:5]:
+            print(f"    left {why}")
+    print(flush=True)
+
+
+def _user_net_markdown(rows: list[dict]) -> str:
+    lines = ["## Your network, accelerated", "",
+             "| variant | backend | ms/step (p20-p80) | img/s | speed-up | modules switched / left |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | ERROR: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['variant']} | {r['backend']} | {r['ms_per_step']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) | "
+                     f"{r['images_per_s']:.1f} | {r.get('speedup', 1.0):.2f}x | {r['switched']} / {len(r['left'])} |")
+    return "\n".join(lines) + "\n"

@@ -259,6 +259,26 @@ def test_a_compile_error_skips_an_optional_extension(monkeypatch, capsys):
         cmd.build_extension(ext)
 
 
+def test_a_failing_toolchain_check_skips_an_optional_extension(monkeypatch, capsys):
+    """PyTorch's checks before the builds (e.g. its CUDA version check) skip it as well."""
+    from setuptools import Distribution
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    def refuse(self):
+        raise RuntimeError("The detected CUDA version (12.4) mismatches the version that was used to compile PyTorch")
+
+    monkeypatch.setattr(BuildExtension, "build_extensions", refuse)
+    ext = CppExtension("mpkernels.cuda._C", ["csrc/bindings.cpp"])
+    cmd = _build.build_ext_class()(Distribution({"name": "mpkernels", "ext_modules": [ext]}))
+    cmd.extensions = [ext]
+    ext.optional = True
+    cmd.build_extensions()
+    assert "detected CUDA version" in capsys.readouterr().err
+    ext.optional = False
+    with pytest.raises(RuntimeError, match="detected CUDA version"):
+        cmd.build_extensions()
+
+
 def test_builds_for_the_visible_gpu_only(monkeypatch):
     """An explicit build targets the GPU that is there (and PTX of it); TORCH_CUDA_ARCH_LIST wins."""
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)

@@ -348,3 +348,24 @@ def test_modulated_bwd_rows_kernel_variants_compiled(sm90):
     for name, body in rows.items():
         if re.search(r"Li8EEEv", name):
             assert "SHFL.BFLY" in body, f"{demangle_short(name)}: no warp-shuffle reduction"
+
+
+# ------------------------------------------------------------------------------------------------
+# Device queries and kernel attributes: once per device, not per call
+
+
+def test_device_queries_happen_once_per_device():
+    """cudaDeviceGetAttribute / cudaFuncSetAttribute cost microseconds (more than a small kernel) and
+    a per-call attribute change races between host threads: each sits inside a std::call_once."""
+    calls = 0
+    for f in sorted(os.listdir(_build.CSRC)):
+        if not f.endswith((".cu", ".cuh", ".cpp", ".h")):
+            continue
+        with open(os.path.join(_build.CSRC, f)) as fh:
+            lines = fh.read().split("\n")
+        for i, line in enumerate(lines):
+            if re.search(r"\bcuda(DeviceGetAttribute|GetDeviceProperties|FuncSetAttribute)\s*\(", line):
+                calls += 1
+                before = "\n".join(lines[max(0, i - 8):i])
+                assert "std::call_once(" in before, f"{f}:{i + 1}: device query outside std::call_once: {line.strip()}"
+    assert calls >= 2

@@ -429,6 +429,17 @@ def test_metrics_calc_argument_errors(tmp_path, capsys):
     assert "--dest" in capsys.readouterr().err
 
 
+def test_calc_subset_is_seeded_and_without_replacement():
+    from edm2fast.commands.metrics import subset_indices
+    a = subset_indices(203, 200, seed=3)
+    assert len(a) == 200 and len(set(a.tolist())) == 200 and (np.diff(a) > 0).all() and a.max() < 203
+    np.testing.assert_array_equal(a, subset_indices(203, 200, seed=3))
+    assert not np.array_equal(a, subset_indices(203, 200, seed=4))
+    np.testing.assert_array_equal(subset_indices(7, 7, seed=0), np.arange(7))
+    with pytest.raises(ValueError, match="num"):
+        subset_indices(5, 6, seed=0)
+
+
 @pytest.mark.slow
 def test_metrics_ref_then_calc_on_200_images_end_to_end(tmp_path, capsys):
     """Done-when: `metrics calc` on 200 random images with randomly initialised detectors, on CPU."""
@@ -439,19 +450,23 @@ def test_metrics_ref_then_calc_on_200_images_end_to_end(tmp_path, capsys):
                      "--dest", str(ref), "--metrics", "fid", "--fid-weights", "random", "--no-progress",
                      "--workers", "0"]) == 0
     capsys.readouterr()
+    real = metrics.load_stats(ref)["fid"]
+    assert real["num_images"] == 6 and real["weights"] == "random" and real["mu"].shape == (2048,)
+    # Compare against a point mass at the real mean: then FD = |mu - mu_r|^2 + tr(S), no sqrtm needed to check it.
+    point = tmp_path / "point.npz"
+    metrics.save_stats(point, {"fid": {"mu": real["mu"], "sigma": np.zeros((2048, 2048)), "weights": "random"}})
     mine = tmp_path / "mine.npz"
-    assert cli.main(["metrics", "calc", "--images", folder, "--ref", str(ref), "--num", "200", "--seed", "3",
+    assert cli.main(["metrics", "calc", "--images", folder, "--ref", str(point), "--num", "200", "--seed", "3",
                      "--metrics", "fid", "--fid-weights", "random", "--batch", "50", "--workers", "1",
                      "--no-progress", "--save-stats", str(mine), "--json", str(tmp_path / "r.json")]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(line)
     assert result["num_images"] == 200 and result["metrics"] == ["fid"]
     assert json.loads((tmp_path / "r.json").read_text()) == result
-    a, b = metrics.load_stats(mine)["fid"], metrics.load_stats(ref)["fid"]
-    assert a["num_images"] == 200 and a["weights"] == "random" and b["num_images"] == 6
-    assert result["fid"] == pytest.approx(metrics.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]),
-                                          rel=1e-9)
-    assert result["fid"] > 0
+    got = metrics.load_stats(mine)["fid"]
+    assert got["num_images"] == 200 and got["weights"] == "random"
+    expected = np.sum((got["mu"] - real["mu"]) ** 2) + np.trace(got["sigma"])
+    assert result["fid"] == pytest.approx(expected, rel=1e-9) and result["fid"] > 0
 
 
 @pytest.mark.slow
@@ -462,9 +477,8 @@ def test_metrics_gen_streams_samples_into_the_detector(tmp_path, capsys):
     net = tmp_path / "net.safetensors"
     edm_io.save(_random_net(), net, dtype="fp32")
     ref = tmp_path / "ref.npz"
-    feats = _gaussian_features(30, 2048, 0)
-    metrics.save_stats(ref, {"fid": {"mu": feats.mean(0), "sigma": np.cov(feats, rowvar=False),
-                                     "weights": "random"}})
+    ref_mu = np.random.default_rng(0).normal(size=2048)
+    metrics.save_stats(ref, {"fid": {"mu": ref_mu, "sigma": np.zeros((2048, 2048)), "weights": "random"}})
     out = tmp_path / "gen.npz"
     argv = ["metrics", "gen", "--net", str(net), "--ref", str(ref), "--seeds", "0-4", "--steps", "2",
             "--metrics", "fid", "--fid-weights", "random", "--batch", "3", "--no-progress", "--save-stats", str(out)]
@@ -480,4 +494,8 @@ def test_metrics_gen_streams_samples_into_the_detector(tmp_path, capsys):
     det = metrics.get_detector("fid", "random")
     f = det(model_to_pixels(x)).double().numpy()
     got = metrics.load_stats(out)["fid"]
+    assert got["num_images"] == 5
     np.testing.assert_allclose(got["mu"], f.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["sigma"], np.cov(f, rowvar=False), rtol=1e-3, atol=1e-5)
+    expected = np.sum((got["mu"] - ref_mu) ** 2) + np.trace(got["sigma"])  # FD to a point mass
+    assert result["fid"] == pytest.approx(expected, rel=1e-9)

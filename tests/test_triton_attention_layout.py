@@ -138,6 +138,21 @@ def test_block_state_dict_unchanged_and_output_matches_release_order():
     assert all(torch.equal(v, block.state_dict()[k]) for k, v in sd.items())
 
 
+def test_cuda_backend_serves_qkv_heads(cuda_backend):
+    """The extension backend takes the option too (a gather of its effective weight), strict mode."""
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 7, 3, 3), torch.randn(36, 7, 1, 1)
+    outs = []
+    for backend in ("cuda", "reference"):
+        wb = w.clone().requires_grad_()
+        with mk.use_backend(backend, strict=backend == "cuda"):
+            y = mk.mp_conv2d(x, wb, 0.9, qkv_heads=3)
+        y.square().sum().backward()
+        outs.append((y.detach(), wb.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+
+
 def test_validation():
     qkv = torch.randn(1, 12, 2, 2)
     with pytest.raises(ValueError, match="layout"):
@@ -322,3 +337,26 @@ def test_normalize_block_choices_are_declared():
                          ids=["576-cl-bf16", "320-nchw-fp16", "2100-two-pass"])
 def test_pixel_norm_chunked_rows(shape, kind, dtype):
     check_op(mk.pixel_norm_mp_silu, lambda d: [rand(shape, d, kind, 2.0)], dtype)
+
+
+@pytest.mark.slow  # torch.compile tracing: ~10-20 s
+def test_compiled_head_contiguous_path():
+    """``torch.compile(fullgraph=True)`` traces the permuted qkv conv and the head-contiguous attention."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(48, 16, 1, 1, requires_grad=True)
+
+    def attn(x, w):
+        return mk.cosine_attention(mk.mp_conv2d(x, w, qkv_heads=2), 2, layout="head_contiguous")
+
+    with mk.use_backend("triton", strict=True):
+        out = torch.compile(attn, fullgraph=True, backend="aot_eager")(x, w)
+        out.square().sum().backward()
+        gx, gw = x.grad.clone(), w.grad.clone()
+        x.grad = w.grad = None
+        ref = attn(x, w)
+        ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)

@@ -9,8 +9,11 @@ tensors of 2^31 elements or more) fall back to the reference.
 
 Availability (see :mod:`mpkernels.cuda._build` for the environment variables):
 
-* ``pip install`` builds the extension when nvcc and a CUDA build of torch are present
-  (``MPKERNELS_BUILD_EXT=1`` forces it, ``0`` skips it); the backend is then available at import.
+* ``pip install`` builds the extension when the toolchain is complete (nvcc of torch's CUDA major
+  version, ninja, a CUDA build of torch); the backend is then available at import. It never fails
+  the install: otherwise, or on a compile error, it skips the extension and says why on stderr
+  (``pip install -v``). ``MPKERNELS_BUILD_EXT=1`` / ``MPKERNELS_REQUIRE_EXT=1`` make that an error,
+  ``MPKERNELS_BUILD_EXT=0`` skips it.
 * Otherwise an earlier just-in-time build that is still current is loaded at import (cheap: no
   compiling, no GPU initialisation).
 * Otherwise :func:`build` (or ``mk.set_backend('cuda')`` once :mod:`mpkernels._dispatch`

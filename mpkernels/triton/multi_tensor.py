@@ -282,7 +282,7 @@ def _chunk_groups(ema_tensors, tensors):
     groups: dict[tuple, tuple[list, list]] = {}
     rest = []
     for e, t in zip(ema_tensors, tensors):
-        if C.is_dense(e) and C.same_layout(e, t):
+        if (e.is_contiguous() and t.is_contiguous()) or (C.is_dense(e) and C.same_layout(e, t)):
             es, ts = groups.setdefault((e.dtype, t.dtype), ([], []))
             es.append(e)
             ts.append(t)

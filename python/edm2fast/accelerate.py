@@ -358,7 +358,8 @@ def accelerate(net: torch.nn.Module, backend: str = "auto") -> AccelerateReport:
             else:
                 report.switched.append((name, kind, "already fused (mk ops); follows mpkernels' active backend"))
         elif kind == "Precond":
-            report.switched.append((name, kind, "recognised; its forward is preconditioning only and stays"))
+            report.left.append((name, kind, "recognised; its own forward is preconditioning arithmetic only and "
+                                            "stays (its submodules are switched)"))
         elif kind is not None:
             problem = _CHECKS[kind](m)
             if problem is not None:

@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": "evaluate samples of a digits model: class accuracy and Frechet distance",
     "sweep": "post-hoc EMA sweep: reconstruct, sample, evaluate and plot vs sigma_rel",
     "metrics": "FID and FD_DINOv2 as in the paper: reference statistics, image folders, generate-and-evaluate",
+    "toy": "the 2D guidance demo: no guidance vs classifier-free guidance vs autoguidance (CPU, a minute)",
 }
 
 

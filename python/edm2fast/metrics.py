@@ -278,16 +278,13 @@ def load_stats(path_or_url, cache_dir: str | None = None) -> dict:
     Reads the authors' pickles (``img512.pkl``; restricted unpickler, nothing in the file
     runs), ``.npz`` files with ``mu``/``sigma`` (returned as ``'fid'``) and this project's
     ``.npz`` (:func:`save_stats`; its metadata goes into each metric's dict). An
-    ``http(s)://`` URL is downloaded once into the cache folder.
+    ``http(s)://`` URL is downloaded once into the cache folder (:func:`edm2fast.download.fetch`;
+    ``cache_dir`` overrides that folder).
     """
     if not isinstance(path_or_url, (str, os.PathLike)):
         raise TypeError(f"path_or_url: expected a path or URL, got {type(path_or_url).__name__}")
-    path = os.fspath(path_or_url)
-    if path.startswith(("http://", "https://")):
-        name = os.path.basename(path.split("?")[0]) or "stats.pkl"
-        digest = hashlib.sha256(path.encode()).hexdigest()[:8]
-        local = os.path.join(weights_cache_dir(cache_dir), "refs", f"{digest}-{name}")
-        path = local if os.path.isfile(local) else _download(path, local, None, "load_stats")
+    from . import download
+    path = download.fetch(path_or_url, what="path_or_url", cache=cache_dir)  # a URL: downloaded once, cached
     if not os.path.exists(path):
         raise FileNotFoundError(f"path_or_url: {path}: no such file")
     if os.path.isdir(path):

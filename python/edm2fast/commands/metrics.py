@@ -314,17 +314,23 @@ def run_ref(args, dist: _Dist) -> int:
     return 0
 
 
+def subset_indices(n: int, num: int, seed: int) -> np.ndarray:
+    """``num`` of ``n`` image indices, sorted: all of them, or a random subset drawn from ``seed``."""
+    if num > n:
+        raise ValueError(f"num: {num} images asked for, only {n} available")
+    if num == n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, num, replace=False))
+
+
 def run_calc(args, dist: _Dist) -> int:
     _check_dest(args.save_stats, "--save-stats")
+    if args.num < 2:
+        raise UserError("--num: statistics need at least 2 images")
     ds = _open_images(args.images, "--images")
     if len(ds) < args.num:
         raise UserError(f"--images: {args.images} has {len(ds)} images, fewer than --num {args.num}")
-    if len(ds) > args.num:
-        indices = np.sort(np.random.default_rng(args.seed).choice(len(ds), args.num, replace=False))
-    else:
-        indices = np.arange(len(ds))
-    if args.num < 2:
-        raise UserError("--num: statistics need at least 2 images")
+    indices = subset_indices(len(ds), args.num, args.seed)
     ref = _load_ref(args.ref, args.metrics, None, args.cache)  # fail fast, before building detectors
     detectors = _detectors(args, args.metrics, dist)
     _load_ref(args.ref, args.metrics, detectors, args.cache)

@@ -54,7 +54,7 @@ def parse_float_list(value: str) -> list[float]:
         out.append(_number(parts[k], value))
         k += 1
     if not out:
-        raise ValueError(f"expected comma-separated numbers, got {value!r}")
+        raise ValueError(f"expected comma-separated sigma_rel values, got {value!r}")
     return out
 
 
@@ -62,7 +62,7 @@ def _number(part: str, value: str) -> float:
     try:
         return float(part)
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers (and '...'), got {part!r} in {value!r}") from None
+        raise ValueError(f"expected a number (or '...'), got {part!r} in {value!r}") from None
 
 
 def _decimals(part: str) -> int:
