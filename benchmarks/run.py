@@ -238,7 +238,7 @@ def _print_user_net(rows: list[dict]) -> None:
             continue
         extra = f"  x{r['speedup']:.2f}" if "speedup" in r else ""
         print(f"  {r['variant']:<40} {r['images_per_s']:9.1f} img/s  {r['ms_per_step']:9.2f} ms/step{extra}")
-        for why in r.get("left", [])[:5]:
+        for why in (r.get("left", [])[:5] if "speedup" in r else []):
             print(f"    left {why}")
     print(flush=True)
 
@@ -251,6 +251,7 @@ def _user_net_markdown(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['variant']} | ERROR: {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['variant']} | {r['backend']} | {r['ms_per_step']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) | "
-                     f"{r['images_per_s']:.1f} | {r.get('speedup', 1.0):.2f}x | {r['switched']} / {len(r['left'])} |")
+        spread = f"{r['ms_per_step']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})"
+        lines.append(f"| {r['variant']} | {r['backend']} | {spread} | {r['images_per_s']:.1f} | "
+                     f"{r.get('speedup', 1.0):.2f}x | {r['switched']} / {len(r['left'])} |")
     return "\n".join(lines) + "\n"

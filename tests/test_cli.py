@@ -17,7 +17,8 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"),
 
 
 def test_every_command_has_help(capsys):
-    assert sorted(cli.COMMANDS) == sorted(["train", "generate", "phema", "convert", "dataset", "eval", "sweep"])
+    assert sorted(cli.COMMANDS) == sorted(["train", "generate", "phema", "convert", "dataset", "eval", "sweep",
+                                           "metrics"])
     for name in cli.COMMANDS:
         with pytest.raises(SystemExit) as e:
             cli.main([name, "--help"])

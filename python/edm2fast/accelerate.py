@@ -369,7 +369,8 @@ def accelerate(net: torch.nn.Module, backend: str = "auto") -> AccelerateReport:
             if backend == "reference":
                 report.left.append((name, kind, "backend 'reference': the module's own forward runs"))
             else:
-                install(m, name, _FORWARDS[kind], kind, f"fused forward ({'mpkernels active backend' if pin is None else pin})")
+                via = "mpkernels' active backend" if pin is None else f"backend {pin!r}"
+                install(m, name, _FORWARDS[kind], kind, f"fused forward ({via})")
         elif not any(True for _ in m.children()) and (m._parameters or m._buffers):
             report.left.append((name, type(m).__name__, "unknown module; left as is"))
         for child_name, child in m.named_children():

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..cli import UserError
+from .dataset import add_vae_arguments, open_vae
 from .generate import class_arg, parse_seeds, seeds_arg
 from .train import nonneg_float, nonneg_int, positive_int
 
@@ -114,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=32, help="sampler steps (default: 32)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="network compute precision (default: the snapshot's on CUDA, fp32 on CPU)")
-    p.add_argument("--vae", default=None, metavar="NAME_OR_PATH", help="VAE that decodes a latent model's samples")
+    add_vae_arguments(p, "decoder of a latent model's samples", dtype_flag="--vae-dtype")
     p.add_argument("--backend", default="auto", help="mpkernels backend (default: auto)")
     _common(p, stats_out=True)
 
@@ -345,23 +346,13 @@ def run_calc(args, dist: _Dist) -> int:
 # Generate and evaluate
 
 def _decoder(net, args, device):
-    """samples (model space) -> uint8 RGB: direct for pixel models, the VAE for latent ones."""
+    """samples (model space) -> uint8 RGB: direct for pixel models, the VAE for latent ones (as generate)."""
     from .generate import is_latent_model
     from ..data import model_to_pixels
     if not is_latent_model(net):
         return model_to_pixels
-    try:
-        from .. import vae
-    except ImportError:
-        raise UserError("--net: a latent model needs edm2fast.vae (the Stable Diffusion VAE) to decode its "
-                        "samples, which this installation lacks") from None
-    try:
-        v = vae.load_vae(args.vae) if args.vae else vae.load_vae()
-    except Exception as e:
-        raise UserError(f"--vae: {e}") from None
-    if hasattr(v, "to"):
-        v = v.to(device)
-    return lambda x: v.decode(x.to(device))
+    vae = open_vae(args, device=device, batch_size=args.batch)
+    return lambda x: vae.decode(x.to(device), batch_size=args.batch)
 
 
 def run_gen(args, dist: _Dist) -> int:
@@ -383,7 +374,7 @@ def run_gen(args, dist: _Dist) -> int:
     decode = _decoder(net, args, dist.device)
     detectors = _detectors(args, args.metrics, dist)
     _load_ref(args.ref, args.metrics, detectors, args.cache)
-    classes = class_labels_for(net, args.seeds, args.class_idx)  # each class depends on its seed alone
+    class_labels_for(net, args.seeds[:1], args.class_idx)  # a bad --class fails before any sampling
     shard = np.arange(len(args.seeds))[dist.rank::dist.world]
     bar, progress = _progress(len(shard), dist.rank == 0 and not args.no_progress, "gen")
 
@@ -391,7 +382,7 @@ def run_gen(args, dist: _Dist) -> int:
         for start in range(0, len(shard), args.batch):
             idx = shard[start:start + args.batch]
             seeds = [args.seeds[i] for i in idx]
-            labels = [classes[i] for i in idx] if classes is not None else None
+            labels = class_labels_for(net, seeds, args.class_idx)  # each class depends on its seed alone
             x = generate_images(net, seeds, labels, gnet=gnet, guidance=guidance, num_steps=args.steps,
                                 batch=len(seeds), device=dist.device)
             images = decode(x)
