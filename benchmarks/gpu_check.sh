@@ -9,10 +9,11 @@
 #   env       versions, GPU, cores                                            (GPU_CHECK_T_ENV, 30 s)
 #   install   pip install --no-deps --no-build-isolation --no-index -e ., the CUDA extension
 #             built for this GPU only (TORCH_CUDA_ARCH_LIST) with all cores    (GPU_CHECK_T_INSTALL, 180 s)
-#   tests     the suite on CUDA tensors, as parallel pytest groups (triton, cuda, gpu, rest),
+#   tests     the suite on CUDA tensors, as parallel pytest groups (triton, cuda, gpu, rest1/2),
 #             never -x: a failure never stops another group; junit xml   (GPU_CHECK_T_TESTS, 170 s)
 #   memcheck  compute-sanitizer memcheck of the quick benchmark, beside the tests (GPU_CHECK_T_MEMCHECK, 170 s)
-#   bench     the full benchmark (parity, speed, model level), alone on the GPU (GPU_CHECK_T_BENCH, 170 s)
+#   bench     the full benchmark (parity, speed, model level), alone on the GPU (GPU_CHECK_T_BENCH, 240 s,
+#             cut to what is left of GPU_CHECK_T_TOTAL, 540 s)
 # About 8 minutes in all. Triton's tests start during the install (they do not need the extension).
 #
 # OUT_DIR then holds at most 8 files: summary.md (per-stage result, test counts, key speed-ups,
@@ -29,7 +30,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 OUT="" DRY=0 ONLY="env,install,tests,memcheck,bench"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -55,7 +56,8 @@ elif [ "$DRY" = 1 ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
 NPROC=$(nproc 2>/dev/null || echo 4)
 T_ENV=${GPU_CHECK_T_ENV:-30} T_INSTALL=${GPU_CHECK_T_INSTALL:-180} T_TESTS=${GPU_CHECK_T_TESTS:-170}
-T_MEMCHECK=${GPU_CHECK_T_MEMCHECK:-170} T_BENCH=${GPU_CHECK_T_BENCH:-170}
+T_MEMCHECK=${GPU_CHECK_T_MEMCHECK:-170} T_BENCH=${GPU_CHECK_T_BENCH:-240}
+T_TOTAL=${GPU_CHECK_T_TOTAL:-540}  # the bench gets what is left of this, at most T_BENCH
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # everything raw; only the packed files go to OUT
 T0=$(date +%s)
 declare -A RESULT SECONDS_OF
@@ -70,6 +72,8 @@ finish() {
 }
 skip() { RESULT[$1]="SKIPPED ($2)"; SECONDS_OF[$1]=0; log "$1: skipped ($2)"; }
 box() { local t=$1; shift; timeout -k 10 "$t" "$@"; }  # a stage's time box (KILL 10 s after TERM)
+# pytest's time box: SIGINT first, so an interrupted run still prints its summary and writes junit xml
+box_pytest() { local t=$1; shift; timeout -s INT -k 15 "$t" "$@"; }
 
 # --- env -------------------------------------------------------------------------------------
 if want env; then
@@ -110,13 +114,20 @@ if [ "$DRY" = 1 ]; then  # a small selection, shaped like the real groups
   )
   MARK="not slow"
 else
-  declare -A GROUPS_=(
-    [triton]="tests/test_triton_ops.py tests/test_triton_validation.py tests/test_triton_model.py tests/test_triton_interpreter_compat.py"
-    [cuda]="tests/test_cuda_kernels.py tests/test_cuda_errors.py tests/test_cuda_build.py"
-    [gpu]="tests/test_gpu.py tests/test_benchmarks.py tests/test_kernel_device_plumbing.py"
-    [rest]="tests --ignore=tests/test_triton_ops.py --ignore=tests/test_triton_validation.py --ignore=tests/test_triton_model.py --ignore=tests/test_triton_interpreter_compat.py --ignore=tests/test_triton_aot.py --ignore=tests/test_cuda_kernels.py --ignore=tests/test_cuda_errors.py --ignore=tests/test_cuda_build.py --ignore=tests/test_gpu.py --ignore=tests/test_benchmarks.py --ignore=tests/test_kernel_device_plumbing.py"
-  )
-  MARK="gpu or not slow"  # test_triton_aot (ahead-of-time compiles) is CI's: CPU only, minutes
+  # Not here: the ahead-of-time compiles (CI's, CPU only, minutes) and the interpreter's own tests.
+  CPU_ONLY="tests/test_triton_aot.py tests/test_triton_interpreter_compat.py"
+  TRITON_FILES=$(ls tests/test_triton_*.py | grep -v -e test_triton_aot.py -e test_triton_interpreter_compat.py | tr '\n' ' ')
+  CUDA_FILES=$(ls tests/test_cuda_*.py | tr '\n' ' ')
+  GPU_FILES="tests/test_gpu.py tests/test_benchmarks.py tests/test_kernel_device_plumbing.py"
+  # Everything else (CPU tests mostly, a few use the GPU when present), in two halves on spare cores.
+  REST_A="" REST_B="" i=0
+  for f in tests/test_*.py; do
+    [[ " $CPU_ONLY $TRITON_FILES $CUDA_FILES $GPU_FILES " == *" $f "* ]] && continue
+    if (( i++ % 2 )); then REST_B+="$f "; else REST_A+="$f "; fi
+  done
+  declare -A GROUPS_=([triton]="$TRITON_FILES" [cuda]="$CUDA_FILES" [gpu]="$GPU_FILES" [rest1]="$REST_A"
+                      [rest2]="$REST_B")
+  MARK="gpu or not slow"
 fi
 start_group() {
   local g=$1 spec=${GROUPS_[$1]} files kexpr=""
@@ -124,7 +135,7 @@ start_group() {
   GROUP_START[$g]=$(date +%s)
   # shellcheck disable=SC2086  # the file list is meant to split
   ( if [ -n "$kexpr" ]; then set -- -k "$kexpr"; else set --; fi
-    box "$T_TESTS" "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "$MARK" --junitxml="$WORK/tests-$g.xml" \
+    box_pytest "$T_TESTS" "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "$MARK" --junitxml="$WORK/tests-$g.xml" \
       -o junit_suite_name="$g" $files "$@" > "$WORK/tests-$g.log" 2>&1 ) &
   GROUP_PID[$g]=$!
   log "tests[$g] started (pid ${GROUP_PID[$g]})"
@@ -178,6 +189,9 @@ fi
 # --- bench: alone on the GPU ----------------------------------------------------------------------
 if want bench; then
   st=$(date +%s)
+  left=$(( T_TOTAL - (st - T0) - 15 ))  # 15 s for packing
+  [ "$left" -lt "$T_BENCH" ] && T_BENCH=$(( left > 60 ? left : 60 ))
+  log "bench: time box $T_BENCH s"
   if [ "$DRY" = 1 ]; then
     box "$T_BENCH" "$PY" -m benchmarks --quick --small --no-model --no-compile --ops mp_silu,mp_sum \
       --out "$WORK/bench" > "$WORK/bench.log" 2>&1

@@ -102,7 +102,8 @@ def test_mp_weight_qkv_heads_is_a_row_permutation():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_mp_conv2d_qkv_heads(dtype):
     def make(d):
-        return [rand((2, 6, 3, 3), d, "cl"), rand((3 * 6, 6, 1, 1), torch.float32), torch.tensor(0.8, requires_grad=True)]
+        return [rand((2, 6, 3, 3), d, "cl"), rand((3 * 6, 6, 1, 1), torch.float32),
+                torch.tensor(0.8, requires_grad=True)]
     check_op(lambda x, w, g: mk.mp_conv2d(x, w, g, qkv_heads=3), make, dtype)
 
 

@@ -33,6 +33,7 @@ reads and writes our own formats. It never imports :mod:`edm2fast.io`.
 from __future__ import annotations
 
 import collections
+import functools
 import io as _pyio
 import math
 import os
@@ -520,8 +521,8 @@ def _is_state_dict(x) -> bool:
 def kwargs_from_state_dict(state: dict, where: str = "state dict") -> dict:
     """Precond constructor kwargs that give ``state``'s names and shapes (ValueError if not an EDM2 net).
 
-    Not recorded in weights, and so left at their defaults: ``channels_per_head`` (64 in the
-    release), ``dropout`` and the balances (no effect on sampling).
+    Not recorded in weights: ``channels_per_head`` (the release's 64 where it fits),
+    ``dropout`` and the balances (left at their defaults, the release's).
     """
     def shape(name):
         if name not in state:
@@ -550,7 +551,14 @@ def kwargs_from_state_dict(state: dict, where: str = "state dict") -> dict:
     attn = sorted({int(m.group(1)) for name in state
                    for m in [re.match(r"^unet\.(?:enc|dec)\.(\d+)x\d+_block\d+\.attn_qkv\.", name)] if m},
                   reverse=True)
+    # Heads are not in the weights: the release's 64 channels per head when it divides every
+    # attention block's width (always, for the published models), else the largest that does.
+    attn_widths = [shape(name)[0] // 3 for name in state if name.endswith("attn_qkv.weight")]
+    channels_per_head = 64
+    if any(w % 64 for w in attn_widths):
+        channels_per_head = functools.reduce(math.gcd, attn_widths)
     return {
+        "channels_per_head": channels_per_head,
         "img_resolution": level_res[0], "img_channels": shape("unet.out_conv.weight")[0],
         "label_dim": shape("unet.emb_label.weight")[1] if "unet.emb_label.weight" in state else 0,
         "logvar_channels": shape("logvar_fourier.freqs")[0],

@@ -34,6 +34,8 @@ restricted unpickler that admits numpy arrays, dicts and scalars only), ``.npz``
 
 from __future__ import annotations
 
+import codecs
+import collections
 import contextlib
 import hashlib
 import json
@@ -201,8 +203,8 @@ def _stats_unpickler_class():
 
     allowed = {("builtins", t.__name__): t for t in (dict, list, tuple, int, float, str, bool, bytes, bytearray)}
     allowed.update({("__builtin__", t.__name__): t for t in (dict, list, tuple)})
-    allowed.update({("collections", "OrderedDict"): __import__("collections").OrderedDict,
-                    ("_codecs", "encode"): __import__("codecs").encode,  # bytes in protocol <= 2
+    allowed.update({("collections", "OrderedDict"): collections.OrderedDict,
+                    ("_codecs", "encode"): codecs.encode,  # bytes in protocol <= 2
                     ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): safe_dtype})
     for core in ("numpy.core", "numpy._core"):
         allowed[(f"{core}.multiarray", "_reconstruct")] = safe_reconstruct

@@ -124,7 +124,7 @@ def train_denoiser(net: ToyDenoiser, iters: int, batch: int = 1024, lr: float = 
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

@@ -142,6 +142,9 @@ class _Dist:
             if self.device.index is None:
                 self.device = torch.device("cuda", local)
             torch.cuda.set_device(self.device)
+            # Full fp32 in the detectors (cuDNN convolutions default to TF32 on Ampere and later).
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self.owns_group = False
         dist = torch.distributed
         if self.world > 1 and not dist.is_initialized():
@@ -269,10 +272,14 @@ def _open_images(path: str, what: str, max_images=None):
     return ds
 
 
+def _stack_images(items) -> torch.Tensor:
+    return torch.from_numpy(np.stack([x for x, _label in items]))
+
+
 def _image_batches(ds, indices: np.ndarray, batch: int, workers: int):
     subset = torch.utils.data.Subset(ds, indices.tolist())
     loader = torch.utils.data.DataLoader(subset, batch_size=batch, num_workers=workers, shuffle=False,
-                                         collate_fn=lambda items: torch.from_numpy(np.stack([x for x, _ in items])))
+                                         collate_fn=_stack_images)
     yield from loader
 
 
