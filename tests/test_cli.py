@@ -18,7 +18,7 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"),
 
 def test_every_command_has_help(capsys):
     assert sorted(cli.COMMANDS) == sorted(["train", "generate", "phema", "convert", "dataset", "eval", "sweep",
-                                           "metrics"])
+                                           "metrics", "toy"])
     for name in cli.COMMANDS:
         with pytest.raises(SystemExit) as e:
             cli.main([name, "--help"])

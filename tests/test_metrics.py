@@ -390,6 +390,35 @@ def test_weights_resolution_without_network(tmp_path, monkeypatch):
         metrics.resolve_weights("fid", 5)
 
 
+def test_weights_download_checks_the_hash(tmp_path, monkeypatch):
+    """Downloads (a file:// URL here: no network) are checked against the SHA-256 prefix, or a pinned hash."""
+    import dataclasses
+    import hashlib
+    src_file = tmp_path / "src" / "weights.pth"
+    src_file.parent.mkdir()
+    src_file.write_bytes(b"weights" * 1000)
+    digest = hashlib.sha256(src_file.read_bytes()).hexdigest()
+    url = src_file.as_uri()
+    dest = tmp_path / "cache" / "weights.pth"
+    metrics._download(url, str(dest), digest[:8], "test")
+    assert dest.read_bytes() == src_file.read_bytes()
+    assert (tmp_path / "cache" / "weights.pth.sha256").read_text().split()[0] == digest
+    with pytest.raises(ValueError, match="test"):
+        metrics._download(url, str(tmp_path / "cache" / "other.pth"), "00000000", "test")
+    assert not (tmp_path / "cache" / "other.pth").exists()
+    # No published hash for DINOv2: a pinned one is enforced, and a mismatching file is removed.
+    source = dataclasses.replace(metrics._WEIGHTS["fd_dinov2"], url=url)
+    monkeypatch.setitem(metrics._WEIGHTS, "fd_dinov2", source)
+    monkeypatch.delenv("EDM2FAST_DINOV2_WEIGHTS", raising=False)
+    monkeypatch.setenv("EDM2FAST_DINOV2_SHA256", "ab" * 32)
+    cache = tmp_path / "cache2"
+    with pytest.raises(ValueError, match="EDM2FAST_DINOV2_SHA256"):
+        metrics.resolve_weights("fd_dinov2", cache_dir=str(cache))
+    assert not (cache / source.filename).exists()
+    monkeypatch.setenv("EDM2FAST_DINOV2_SHA256", digest)
+    assert metrics.resolve_weights("fd_dinov2", cache_dir=str(cache)) == str(cache / source.filename)
+
+
 # ----------------------------------------------------------------------------------------------- command line
 
 def _image_folder(path, n, size=16, seed=0):

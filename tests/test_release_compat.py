@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from edm2fast import cli, convert, download, posthoc, release_presets, train
+from edm2fast import cli, convert, download, release_presets, train
 from edm2fast import io as edm_io
 from edm2fast.commands import generate
 from edm2fast.commands import phema as phema_cmd
@@ -109,7 +109,8 @@ def _pngs(folder):
     for dirpath, _, names in os.walk(folder):
         for n in names:
             if n.endswith(".png") and n != "grid.png":
-                out[os.path.relpath(os.path.join(dirpath, n), folder)] = np.asarray(Image.open(os.path.join(dirpath, n)))
+                path = os.path.join(dirpath, n)
+                out[os.path.relpath(path, folder)] = np.asarray(Image.open(path))
     return out
 
 

@@ -216,9 +216,10 @@ def test_two_process_gloo_run(tmp_path):
     assert log.count("training finished") == 1  # status lines come from rank 0 only
     assert log.count("identical on 2 processes") == 2  # checkpoints at 64 and 128: ranks compared each time
     files = sorted(os.listdir(out))
-    assert files == ["phema-0000000-0.050.safetensors", "phema-0000000-0.100.safetensors", "stats.jsonl",
+    assert files == ["log.txt", "phema-0000000-0.050.safetensors", "phema-0000000-0.100.safetensors", "stats.jsonl",
                      "training-state-000000000064.safetensors", "training-state-000000000128.safetensors",
                      "training_options.json"]
+    assert open(out / "log.txt").read().count("training finished") == 1  # rank 0's console output
     stats = [json.loads(line) for line in open(out / "stats.jsonl")]
     assert [r["nimg"] for r in stats] == [64, 128]  # written once, not once per rank
     assert json.load(open(out / "training_options.json"))["world_size"] == 2

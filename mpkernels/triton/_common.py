@@ -3,7 +3,9 @@
 Every launcher picks its kernel configuration (block sizes, flags, ``num_warps``) from a
 finite table declared next to its kernel and registered here with :func:`declare_configs`,
 so :func:`all_configs` lists exactly what can ever be launched; the AOT test compiles
-each entry for sm_80 and sm_90 and checks ``ptxas`` for register spills.
+each entry for sm_80 and sm_90, plus the JIT specialisations real EDM2 launches give them
+(recorded through :func:`launch`), and checks ``ptxas`` for register spills and the shared
+memory against each architecture's per-block limit.
 
 Nothing here touches a GPU at import time.
 """

@@ -138,8 +138,8 @@ def _gain_ok(gain) -> bool:
 
 
 def supports(w, gain, eps, qkv_heads=None) -> bool:
-    return C.supported_dtype(w) and _gain_ok(gain)
+    return C.supported_dtype(w) and _gain_ok(gain) and w.numel() <= NZ.MAX_SLICE_NUMEL
 
 
 def supports_conv(x, w, gain, qkv_heads=None) -> bool:
-    return C.supported_dtype(x, w) and _gain_ok(gain)
+    return C.supported_dtype(x, w) and _gain_ok(gain) and w.numel() <= NZ.MAX_SLICE_NUMEL

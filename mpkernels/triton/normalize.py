@@ -11,8 +11,9 @@ Every call is reduced to a contiguous ``[outer, R, inner]`` tensor by views alon
 reduced axes are adjacent in memory: NCHW (``inner = H*W``, stride-1 along pixels) and
 channels_last (``inner = 1``, stride-1 along channels) both take the fast path; other layouts
 are copied once. The kernel keeps a whole row in registers when it fits (one read of ``x``; rows
-up to 2048, as one or two power-of-two chunks) and otherwise makes two passes over it. Offsets
-inside a sample are 64-bit (``r * inner`` passes 2^31 in samples of 2^31 elements or more).
+up to 2048, as one or two power-of-two chunks) and otherwise makes two passes over it. Each
+program's base offset is 64-bit, offsets within a ``[R, inner]`` slice 32-bit (64-bit ones per
+element cost registers): slices of 2^31 elements or more fall back to the reference (``supports``).
 
 The same kernels serve :mod:`mpkernels.triton.mp_weight` (flag ``GAIN``: output scaled by a
 gain read from memory, per-row partial gradients of that gain written in backward; flag
@@ -43,36 +44,39 @@ def _qkv_source_row(row, D):
 
 @triton.jit
 def _columns(pid, R, inner, num_iblocks, qkv_d, R_CONTIG: tl.constexpr, PERM: tl.constexpr, BLOCK_I: tl.constexpr):
-    """The [BLOCK_I] columns (rows of the reduction) of this program's tile: int64 offset of each
-    column's first element in x and in the outputs (they differ only with PERM, which reads rows
-    in :func:`_qkv_source_row` order), which columns are valid, and their statistic index."""
+    """This program's tile: the int64 offset of its first element, the [BLOCK_I] offsets of its
+    columns (rows of the reduction) from there in the outputs and in x (they differ only with PERM,
+    which reads rows in :func:`_qkv_source_row` order), which columns are valid, and their statistic
+    index. Offsets within a tile are 32-bit: ``supports`` refuses slices of 2^31 elements or more."""
     il = tl.arange(0, BLOCK_I)
     if R_CONTIG:  # rows of length R, contiguous: row index = pid*BLOCK_I + il (inner = number of rows)
-        row = pid.to(tl.int64) * BLOCK_I + il
-        valid = row < inner
-        y_col = row * R
-        if PERM:
-            x_col = _qkv_source_row(row, qkv_d) * R
+        row0 = pid.to(tl.int64) * BLOCK_I
+        base = row0 * R
+        valid = (row0 + il) < inner
+        y_col = il * R
+        if PERM:  # the source rows lie within the same heads' 3*D rows: small offsets from row0
+            x_col = ((_qkv_source_row(row0 + il, qkv_d) - row0) * R).to(tl.int32)
         else:
             x_col = y_col
-        stat = row
+        stat = row0 + il
     else:  # [outer, R, inner] with inner contiguous
         o = pid // num_iblocks
-        i = (pid % num_iblocks) * BLOCK_I + il
-        valid = i < inner
-        y_col = o.to(tl.int64) * R * inner + i
+        i0 = (pid % num_iblocks) * BLOCK_I
+        base = o.to(tl.int64) * R * inner + i0
+        valid = (i0 + il) < inner
+        y_col = il
         x_col = y_col
-        stat = o.to(tl.int64) * inner + i
-    return x_col, y_col, valid, stat
+        stat = o.to(tl.int64) * inner + i0 + il
+    return base, x_col, y_col, valid, stat
 
 
 @triton.jit
 def _offsets(col, r, inner, R_CONTIG: tl.constexpr):
-    """[len(r), BLOCK_I] element offsets; 64-bit, since r * inner can pass 2^31 within one sample."""
+    """[len(r), BLOCK_I] element offsets from the tile's base."""
     if R_CONTIG:
         return col[None, :] + r[:, None]
     else:
-        return col[None, :] + (r.to(tl.int64) * inner)[:, None]
+        return col[None, :] + (r * inner)[:, None]
 
 
 @triton.jit
@@ -104,7 +108,11 @@ def _normalize_fwd_kernel(x_ptr, y_ptr, s_ptr, inv_ptr, gain_ptr, R, inner, num_
     (e.g. 576 = 512 + 64 channels, instead of one 1024 block with 44% of its lanes masked).
     """
     pid = tl.program_id(0)
-    x_col, y_col, valid, stat = _columns(pid, R, inner, num_iblocks, qkv_d, R_CONTIG, PERM, BLOCK_I)
+    base, x_col, y_col, valid, stat = _columns(pid, R, inner, num_iblocks, qkv_d, R_CONTIG, PERM, BLOCK_I)
+    x_ptr += base
+    y_ptr += base
+    if SILU:
+        s_ptr += base
     mult = scale
     if GAIN:
         mult = scale * tl.load(gain_ptr).to(tl.float32)
@@ -166,7 +174,12 @@ def _normalize_bwd_kernel(g_ptr, gs_ptr, x_ptr, inv_ptr, gain_ptr, dx_ptr, dgain
     With PERM the incoming gradient is in the output's (permuted) row order and dx is scattered
     back to the rows of x (a permutation: every row written once)."""
     pid = tl.program_id(0)
-    x_col, y_col, valid, stat = _columns(pid, R, inner, num_iblocks, qkv_d, R_CONTIG, PERM, BLOCK_I)
+    base, x_col, y_col, valid, stat = _columns(pid, R, inner, num_iblocks, qkv_d, R_CONTIG, PERM, BLOCK_I)
+    g_ptr += base
+    x_ptr += base
+    dx_ptr += base
+    if SILU:
+        gs_ptr += base
     inv = tl.load(inv_ptr + stat, mask=valid, other=1.0)
     mult = scale
     if GAIN:
@@ -450,5 +463,19 @@ def pixel_norm_mp_silu(x: torch.Tensor, eps: float):
     return back(y3), back(s3)
 
 
+MAX_SLICE_NUMEL = 2 ** 31 - 1  # offsets within one [R, inner] slice are 32-bit
+
+
+def slice_numel(x: torch.Tensor, dims) -> int:
+    """Elements of the largest ``[R, inner]`` slice a launch on ``x`` addresses with 32-bit offsets."""
+    if x.numel() <= MAX_SLICE_NUMEL:  # every offset fits: skip the layout analysis
+        return x.numel()
+    meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")  # no copy, whatever the layout
+    x3, _ = _row_view(meta, tuple(range(1, x.ndim)) if dims is None else tuple(dims))
+    return x3.shape[1] * x3.shape[2]
+
+
 def supports(x, *args) -> bool:
-    return C.supported_dtype(x)
+    """For ``normalize(x, dims, eps)`` and ``pixel_norm[_mp_silu](x, eps)`` (dims = (1,))."""
+    dims = args[0] if args and not isinstance(args[0], (int, float)) else (1,)
+    return C.supported_dtype(x) and slice_numel(x, dims) <= MAX_SLICE_NUMEL

@@ -15,7 +15,7 @@ Two feature detectors turn uint8 RGB images ``[N, 3, H, W]`` into float32 featur
 
 Weights: a local file (or a folder holding it) from ``weights=``, else the environment
 variable (``EDM2FAST_FID_WEIGHTS``, ``EDM2FAST_DINOV2_WEIGHTS``), else the cache folder
-(``$EDM2FAST_CACHE/metrics``), else a download into it when the machine has internet. Files
+(``$EDM2FAST_CACHE_DIR/metrics``), else a download into it when the machine has internet. Files
 are read with ``torch.load(weights_only=True)`` or safetensors, never unpickled freely.
 ``weights='random'`` builds the same architecture with fixed random weights (tests, smoke
 runs: the numbers then mean nothing).
@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -249,9 +250,10 @@ def _normalise_stats(raw, where: str) -> dict:
 
 
 def weights_cache_dir(cache_dir: str | None = None) -> str:
-    """``cache_dir`` or ``$EDM2FAST_CACHE/metrics`` (default ``~/.cache/edm2fast/metrics``)."""
-    from .evaluate import default_cache_dir
-    return os.path.abspath(cache_dir or os.path.join(default_cache_dir(), "metrics"))
+    """``cache_dir``, else ``metrics/`` in the download cache (``$EDM2FAST_CACHE_DIR``, default
+    ``~/.cache/edm2fast``)."""
+    from .download import cache_dir as download_cache_dir
+    return os.path.abspath(cache_dir or os.path.join(download_cache_dir(), "metrics"))
 
 
 def _download(url: str, dest: str, sha256_prefix: str | None, what: str) -> str:
@@ -270,7 +272,7 @@ def _download(url: str, dest: str, sha256_prefix: str | None, what: str) -> str:
             digest.update(block)
     with open(dest + ".sha256", "w") as f:
         f.write(f"{digest.hexdigest()}  {os.path.basename(dest)}\n")
-    print(f"{what}: downloaded {url} to {dest} (sha256 {digest.hexdigest()})", flush=True)
+    print(f"{what}: downloaded {url} to {dest} (sha256 {digest.hexdigest()})", file=sys.stderr, flush=True)
     return dest
 
 

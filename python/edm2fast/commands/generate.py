@@ -5,9 +5,8 @@ Examples::
     edm2fast generate --net runs/digits/phema-0131-0.100.safetensors --seeds 0-99 --class cycle \\
         --outdir out/digits
     edm2fast generate --net big.safetensors --gnet small.safetensors --guidance 2.0 --seeds 0-15 --outdir out/ag
-
     edm2fast generate --preset edm2-img512-s-autog-fid --seeds 0-63 --outdir out/autog   # release model
-    torchrun --standalone --nproc_per_node 8 -m edm2fast generate --preset edm2-img512-xxl-fid \
+    torchrun --standalone --nproc_per_node 8 -m edm2fast generate --preset edm2-img512-xxl-fid \\
         --seeds 0-49999 --subdirs --outdir out/fid50k
 
 Every image has its own seed (``--seeds 0-63``, ``0,5,9``, ``0-9,100-109``), so it does not
@@ -17,7 +16,9 @@ draws the noise, then (class-conditional nets) the class, then any churn noise; 
 release's networks give the release's images. ``--net``/``--gnet`` take a snapshot, an
 authors' pickle or ``training-state-*.pt``, locally or as an ``https://`` URL (downloaded once
 into ``$EDM2FAST_CACHE_DIR``). ``--preset`` picks one of the release's 36 generation presets
-(network, guiding network, guidance weight); ``--net``/``--gnet``/``--guidance`` override parts. Every run writes ``<seed:06d>.png``, a grid image and
+(network, guiding network, guidance weight); ``--net``/``--gnet``/``--guidance`` override parts.
+
+Every run writes ``<seed:06d>.png`` (``--subdirs``: one folder per thousand seeds), a grid image and
 ``samples.json`` (seed -> class). Latent models (the img512 presets: 4-channel latents) are
 decoded to PNGs with the sd-vae-ft-mse VAE as the release does (``--vae DIR|ID``; needs
 ``pip install 'mpkernels[latent]'`` and the weights in a folder or the Hugging Face cache,

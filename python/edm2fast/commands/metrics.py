@@ -59,7 +59,8 @@ def _common(p: argparse.ArgumentParser, stats_out: bool = False) -> None:
                    help="DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth) or a folder holding them; 'random' "
                         "for a smoke test (default: $EDM2FAST_DINOV2_WEIGHTS, cache, download)")
     p.add_argument("--cache", default=None, metavar="DIR",
-                   help="weights and downloads cache (default: $EDM2FAST_CACHE/metrics or ~/.cache/edm2fast/metrics)")
+                   help="weights and downloads cache (default: $EDM2FAST_CACHE_DIR/metrics, "
+                        "else ~/.cache/edm2fast/metrics)")
     p.add_argument("--batch", type=positive_int, default=64, help="images per batch and rank (default: 64)")
     p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results to this JSON file")
