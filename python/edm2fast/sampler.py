@@ -81,24 +81,29 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
     sigma_shape = [noise.shape[0]] + [1] * (noise.ndim - 1)
 
     def denoise(x, t):
-        sigma = torch.full(sigma_shape, t, dtype=dtype, device=x.device)
+        sigma = t.to(dtype).repeat(sigma_shape)
         D = net(x, sigma, labels).to(dtype)
         if use_guidance:
             D_g = gnet(x, sigma, labels).to(dtype)
             D = D_g.lerp(D, guidance)  # D_g + w (D - D_g)
         return D
 
-    t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho).tolist()  # python float64
+    # Noise levels and the state in `dtype` (float32 by default), computed as the release does, so the
+    # same seeds give the same images; `sigma_steps` is the float64 form of the same schedule.
+    i = torch.arange(num_steps, dtype=dtype, device=noise.device)
+    frac = i / (num_steps - 1) if num_steps > 1 else i
+    t_steps = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
     gamma_churn = min(S_churn / num_steps, math.sqrt(2) - 1)
     x_next = noise.to(dtype) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
 
         # Churn: raise the noise level from t_cur to t_hat by adding fresh noise.
-        gamma = gamma_churn if S_min <= t_cur <= S_max else 0.0
-        t_hat = t_cur * (1 + gamma)
+        gamma = gamma_churn if S_min <= float(t_cur) <= S_max else 0.0
+        t_hat = t_cur + gamma * t_cur
         if gamma > 0:
-            x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * randn_like(x_cur)
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
         else:
             x_hat = x_cur
 
