@@ -428,10 +428,31 @@ void force_normalize_(const std::vector<Tensor>& tensors, double eps) {
   for (auto& wb : write_back) wb.first.copy_(wb.second);
 }
 
-void ema_lerp_(const std::vector<Tensor>& ema_tensors, const std::vector<Tensor>& tensors, double weight) {
+// The blend weight of ema_lerp_ as a tensor: 0-d fp32 on the tensors' device (`ref`, if any).
+void check_weight_tensor(const Tensor& w, const Tensor* ref) {
+  check_tensor(w, "weight");
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "weight: a tensor weight must be float32, got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 0, "weight: a tensor weight must be 0-d, got shape ", w.sizes());
+  if (ref) check_same_device(w, "weight", *ref, "ema_tensors[0]");
+}
+
+float check_weight(double weight) {
+  TORCH_CHECK_VALUE(std::isfinite(weight) && weight >= 0 && weight <= 1, "weight: must be in [0, 1], got ", weight);
+  return static_cast<float>(weight);
+}
+
+// ema <- lerp(ema, src, weight). The weight is `weight_t` when given (a 0-d fp32 tensor on the
+// tensors' device, `weight` is then ignored), else `weight`. A CPU `weight_t` is read on the host
+// and range-checked; a CUDA one is passed to the kernel by pointer and not range-checked, since
+// reading it here would synchronize with the device (and is illegal during graph capture): a
+// captured launch then reads the weight's current value at each replay.
+void ema_lerp_(const std::vector<Tensor>& ema_tensors, const std::vector<Tensor>& tensors, double weight,
+               const OptTensor& weight_t) {
   TORCH_CHECK_VALUE(ema_tensors.size() == tensors.size(), "tensors: ", tensors.size(),
                     " tensors but ema_tensors has ", ema_tensors.size());
-  TORCH_CHECK_VALUE(std::isfinite(weight) && weight >= 0 && weight <= 1, "weight: must be in [0, 1], got ", weight);
+  if (weight_t) check_weight_tensor(*weight_t, ema_tensors.empty() ? nullptr : &ema_tensors[0]);
+  const bool device_weight = weight_t && weight_t->is_cuda();
+  const float w = device_weight ? 0.0f : check_weight(weight_t ? weight_t->item<double>() : weight);
   for (size_t i = 0; i < tensors.size(); ++i) {
     const std::string en = "ema_tensors[" + std::to_string(i) + "]", tn = "tensors[" + std::to_string(i) + "]";
     check_tensor(ema_tensors[i], en);
@@ -457,7 +478,19 @@ void ema_lerp_(const std::vector<Tensor>& ema_tensors, const std::vector<Tensor>
                      dtype_of(tensors[i], "tensors")});
   }
   if (pairs.empty()) return;
-  MPK_LAUNCH(ema_tensors[0], ema_lerp, pairs.data(), static_cast<int64_t>(pairs.size()), static_cast<float>(weight));
+  const int64_t count = static_cast<int64_t>(pairs.size());
+#if defined(MPK_WITH_CUDA)
+  if (ema_tensors[0].is_cuda()) {
+    const c10::cuda::CUDAGuard guard(ema_tensors[0].device());
+    const float* weight_ptr = device_weight ? weight_t->data_ptr<float>() : nullptr;
+    mpk::cuda::ema_lerp(pairs.data(), count, w, weight_ptr,
+                        c10::cuda::getCurrentCUDAStream(ema_tensors[0].get_device()).stream());
+  } else {
+    mpk::cpu::ema_lerp(pairs.data(), count, w);
+  }
+#else
+  mpk::cpu::ema_lerp(pairs.data(), count, w);
+#endif
   for (auto& wb : write_back) wb.first.copy_(wb.second);
 }
 
@@ -529,5 +562,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return d;
       },
       py::arg("N"), py::arg("C"), py::arg("L"), py::arg("unit"));
-  m.def("ema_lerp_", &ema_lerp_, py::arg("ema_tensors"), py::arg("tensors"), py::arg("weight"));
+  m.def("ema_lerp_", &ema_lerp_, py::arg("ema_tensors"), py::arg("tensors"), py::arg("weight"),
+        py::arg("weight_t") = py::none(),
+        "weight_t: a 0-d float32 tensor on the tensors' device, used instead of `weight` when given "
+        "(read by the kernel on a GPU, so a captured CUDA graph sees its value at each replay)");
 }

@@ -76,11 +76,11 @@ struct LerpPair {
   void mp_weight_bwd(DType dt, int64_t rows, int64_t len, const float* g, const void* w,           \
                      const void* gain_ptr, DType gdt, float gain, const float* rms, float eps,      \
                      void* gw, void* ggain, float* workspace __VA_ARGS__);                          \
-  void force_normalize(const RowTensor* tensors, int64_t count, float eps __VA_ARGS__);             \
-  void ema_lerp(const LerpPair* pairs, int64_t count, float weight __VA_ARGS__);
+  void force_normalize(const RowTensor* tensors, int64_t count, float eps __VA_ARGS__);
 
 namespace cpu {
 MPK_DECLARE_LAUNCHERS()
+void ema_lerp(const LerpPair* pairs, int64_t count, float weight);
 // Instruction set of the CPU kernels in use: "default" (SSE2), "avx2" or "avx512".
 const char* isa_name();
 // Use `name` (at most what the CPU supports); false when it cannot.
@@ -90,6 +90,10 @@ bool set_isa(const char* name);
 #if defined(MPK_WITH_CUDA)
 namespace cuda {
 MPK_DECLARE_LAUNCHERS(, cudaStream_t stream)
+// The weight is *weight_ptr (fp32, on the device) when weight_ptr is not null, else `weight`:
+// a captured CUDA graph then reads the weight's value at each replay (the CPU twin takes the
+// value, read on the host by bindings.cpp).
+void ema_lerp(const LerpPair* pairs, int64_t count, float weight, const float* weight_ptr, cudaStream_t stream);
 // Number of floats modulated_mp_silu_bwd needs as workspace for shape `s`.
 int64_t modulated_mp_silu_bwd_workspace(const NCL& s);
 // Number of floats pixel_norm_fwd (forward) / pixel_norm_bwd need as workspace on `device`

@@ -204,21 +204,24 @@ __device__ __forceinline__ void lerp_chunk_src(TE* e, const void* s, DType sdt, 
   }
 }
 
+// weight_ptr (fp32, on the device) when not null, else `weight`: a CUDA graph replay then reads the
+// weight's current value instead of the one baked into the captured launch.
 __global__ void __launch_bounds__(kThreads)
-    ema_lerp_kernel(const __grid_constant__ LerpBatch batch, float weight) {
+    ema_lerp_kernel(const __grid_constant__ LerpBatch batch, float weight, const float* __restrict__ weight_ptr) {
+  const float w = weight_ptr ? __ldg(weight_ptr) : weight;  // once per thread
   const int t = find_tensor(batch.block_start, batch.count, blockIdx.x);
   const int64_t first = static_cast<int64_t>(blockIdx.x - batch.block_start[t]) * kLerpChunk;
   const int64_t rest = batch.numel[t] - first;
   const int64_t n = rest < kLerpChunk ? rest : kLerpChunk;
   switch (batch.ema_dtype[t]) {
     case DType::F16:
-      lerp_chunk_src(static_cast<__half*>(batch.ema[t]), batch.src[t], batch.src_dtype[t], first, n, weight);
+      lerp_chunk_src(static_cast<__half*>(batch.ema[t]), batch.src[t], batch.src_dtype[t], first, n, w);
       break;
     case DType::BF16:
-      lerp_chunk_src(static_cast<__nv_bfloat16*>(batch.ema[t]), batch.src[t], batch.src_dtype[t], first, n, weight);
+      lerp_chunk_src(static_cast<__nv_bfloat16*>(batch.ema[t]), batch.src[t], batch.src_dtype[t], first, n, w);
       break;
     default:
-      lerp_chunk_src(static_cast<float*>(batch.ema[t]), batch.src[t], batch.src_dtype[t], first, n, weight);
+      lerp_chunk_src(static_cast<float*>(batch.ema[t]), batch.src[t], batch.src_dtype[t], first, n, w);
   }
 }
 
@@ -280,13 +283,14 @@ void force_normalize(const RowTensor* tensors, int64_t count, float eps, cudaStr
   flush();
 }
 
-void ema_lerp(const LerpPair* pairs, int64_t count, float weight, cudaStream_t stream) {
+void ema_lerp(const LerpPair* pairs, int64_t count, float weight, const float* weight_ptr, cudaStream_t stream) {
   LerpBatch batch;
   batch.count = 0;
   batch.block_start[0] = 0;
   auto flush = [&]() {
     if (batch.count == 0) return;
-    ema_lerp_kernel<<<static_cast<unsigned>(batch.block_start[batch.count]), kThreads, 0, stream>>>(batch, weight);
+    const unsigned grid = static_cast<unsigned>(batch.block_start[batch.count]);
+    ema_lerp_kernel<<<grid, kThreads, 0, stream>>>(batch, weight, weight_ptr);
     MPK_CHECK_LAUNCH("ema_lerp_");
     batch.count = 0;
   };

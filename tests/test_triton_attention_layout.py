@@ -30,7 +30,6 @@ if "triton" not in mk.available_backends():
     pytest.skip("Triton backend not available", allow_module_level=True)
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from mpkernels.triton import cosine_attention as CA  # noqa: E402
 from mpkernels.triton import normalize as NZ  # noqa: E402
@@ -306,11 +305,11 @@ def test_normalize_block_choices_are_declared():
     declared = set(mk.triton.all_configs())
     for d in (torch.float32, torch.bfloat16):
         for r_contig in (False, True):
-            for R in list(range(1, 2100, 7)) + [4096, 100_000]:
-                blk = NZ._blocks(R, r_contig, False, NZ.elsize(d))
-                assert NZ._fwd_config(r_contig, False, False, False, *blk, d, d) in declared, (R, blk)
-                blk = NZ._blocks(R, r_contig, True, NZ.elsize(d))
-                assert NZ._bwd_config(r_contig, True, False, False, *blk, d, d) in declared, (R, blk)
+            for length in list(range(1, 2100, 7)) + [4096, 100_000]:
+                blk = NZ._blocks(length, r_contig, False, NZ.elsize(d))
+                assert NZ._fwd_config(r_contig, False, False, False, *blk, d, d) in declared, (length, blk)
+                blk = NZ._blocks(length, r_contig, True, NZ.elsize(d))
+                assert NZ._bwd_config(r_contig, True, False, False, *blk, d, d) in declared, (length, blk)
 
 
 @pytest.mark.parametrize("shape,kind,dtype", [((2, 576, 2, 2), "cl", torch.bfloat16),

@@ -7,9 +7,9 @@ exactly as ``csrc/bindings.cpp`` does (``empty_like`` of the input, statistics c
 fp32), so ``torch.compile(fullgraph=True)`` sees the same strides as eager.
 
 Multi-tensor ops under CUDA graphs: the extension passes its per-tensor pointers and sizes as
-kernel parameters (no device table, no host-to-device copy), so capturing them is safe. It takes
-the EMA weight by value, though: a tensor weight on a CUDA device therefore runs the reference
-formula (which reads it on the device) until the binding accepts a weight pointer.
+kernel parameters (no device table, no host-to-device copy), so capturing them is safe. A tensor
+EMA weight on a CUDA device reaches the kernel as a pointer (read when the kernel runs, so each
+replay of a captured graph sees the weight's current value); a number is baked into the launch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import types
 
 import torch
 
-from .. import _library, reference
+from .. import _library
 
 _OPS: types.SimpleNamespace | None = None
 _EXT = None  # the extension module the ops call (set by define)
@@ -144,13 +144,10 @@ def define(module) -> types.SimpleNamespace:
         ext.ema_lerp_(ema_tensors, tensors, weight)
 
     def ema_lerp_tensor_weight_impl(ema_tensors, tensors, weight):
-        if weight.device.type == "cpu":  # the C++ twins: reading a host scalar costs nothing
-            ext.ema_lerp_(ema_tensors, tensors, float(weight))
-        else:
-            # The extension takes the weight by value: reading a CUDA tensor here would synchronize
-            # (illegal during graph capture) and a captured launch would keep the old value. Until it
-            # takes a device pointer, use the reference formula, which reads the weight on the device.
-            reference.ema_lerp_(ema_tensors, tensors, weight)
+        # The extension takes a 0-d fp32 weight tensor: on the CPU it reads it on the host, on a GPU
+        # the kernel reads it (no synchronization; a graph replay sees its current value). The cast
+        # of an fp16/bf16/fp64 weight is a device op, as capture-safe as the launch itself.
+        ext.ema_lerp_(ema_tensors, tensors, 0.0, weight.to(torch.float32))
 
     ops.force_normalize_ = _custom_inplace("cuda_force_normalize_", "(Tensor(a!)[] tensors, float eps) -> ()",
                                            ("tensors",), force_normalize_impl)

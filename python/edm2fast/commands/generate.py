@@ -324,8 +324,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=nonneg_float, default=None, metavar="W",
                         help="guidance weight w in D_g + w (D - D_g); 1 = none (default: the preset's, else 1: "
                              "a --gnet without --guidance is not used, as in the release)")
-    parser.add_argument("--seeds", type=seeds_arg, default=parse_seeds("0-63"), metavar="LIST",
-                        help="one image per seed: 0-63, 1,5,9, 0-9,100-109 (default: 0-63)")
+    parser.add_argument("--seeds", type=seeds_arg, default=parse_seeds("16-19"), metavar="LIST",
+                        help="one image per seed: 0-63, 1,5,9, 0-9,100-109 (default: 16-19, as the release)")
     parser.add_argument("--class", dest="class_idx", type=class_arg, default=None, metavar="C",
                         help="class of every image (conditional nets): an index, 'cycle' (seed %% classes) "
                              "or 'random' (default: random, drawn from each seed)")
