@@ -159,6 +159,25 @@ def test_zero_pixels_and_only_one_output_used(device):
         assert_close_to_oracle(xa.grad, xb.grad.double(), floor=1e-5)
 
 
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA kernels: no GPU here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pixel_norm_nchw_split_channels(ext, dtype):
+    """EDM2's 8x8 level at batch 32 (N=32, C=512): too few pixel tiles for the GPU, so the NCHW
+    kernels split C over blocks (two phases, csrc/launch_shapes.h); forward and backward parity."""
+    N, C, H, W = 32, 512, 8, 8
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    optin = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", 2 * optin)
+    budget = min(optin, per_sm // 2 - 2048)  # as csrc/cuda_common.cuh's device_info
+    elem = torch.empty((), dtype=dtype).element_size()
+    for forward in (True, False):
+        plan = ext._EXT._plan_pixel_norm_nchw(N, C, H * W, 8, elem, props.multi_processor_count, budget, forward)
+        assert plan["splits"] > 1, plan
+    x = make((N, C, H, W), dtype, "nchw", "cuda", scale=2.0)
+    run_case(ours(lambda x: mk.pixel_norm(x, 1e-4)), lambda x: R.pixel_norm(x, 1e-4), [x])
+    run_case(ours(lambda x: mk.pixel_norm_mp_silu(x, 1e-4)), lambda x: R.pixel_norm_mp_silu(x, 1e-4), [x])
+
+
 # ------------------------------------------------------------------------------------------------
 # mp_weight
 

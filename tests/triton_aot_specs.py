@@ -108,7 +108,8 @@ def _tensor(spec_arg, dtype, channels_last):
 
 
 def record(networks=NETWORKS, batches=BATCHES, dtypes=DTYPES) -> list[dict]:
-    """Distinct (configuration, argument facts) pairs of every launch, with where they came from."""
+    """Distinct (configuration, argument facts) pairs of every launch, with the first launch that
+    produced each (``origin``) and every network that did (``networks``)."""
     import torch
 
     import mpkernels as mk
@@ -124,9 +125,11 @@ def record(networks=NETWORKS, batches=BATCHES, dtypes=DTYPES) -> list[dict]:
         facts = {n: arg_facts(a) for n, a in zip(names, args)}
         facts.update({n: arg_facts(a) for n, a in kwargs.items()})
         key = (cfg.name, json.dumps(facts, sort_keys=True))
-        if key not in seen:
+        if key not in seen:  # the first launch with these facts is kept as the example
             example = {n: a for n, a in zip(names, args) if isinstance(a, int) and not isinstance(a, bool)}
-            seen[key] = dict(config=cfg.name, args=facts, origin=dict(current, ints=example))
+            seen[key] = dict(config=cfg.name, args=facts, origin=dict(current, ints=example), networks=[])
+        if current["network"] not in seen[key]["networks"]:
+            seen[key]["networks"].append(current["network"])
 
     calls = {}  # recorded on the meta device first, with the real F.conv2d
     for net_name, (preset, overrides) in networks.items():

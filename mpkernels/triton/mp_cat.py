@@ -165,7 +165,10 @@ def _row_length(a, b, dim: int) -> int:
     """Length of an output row of the ``[M, K]`` matrices mp_cat works on (``K`` of ``out``)."""
     order = C.memory_order(a) if C.is_dense(a) else list(range(a.ndim))
     p = order.index(dim % a.ndim)
-    return (a.shape[dim] + b.shape[dim]) * math.prod(a.shape[d] for d in order[p + 1:])
+    k = a.shape[dim] + b.shape[dim]
+    for d in order[p + 1:]:  # a plain loop: torch.compile traces supports() and cannot trace generators
+        k *= a.shape[d]
+    return k
 
 
 def supports(a, b, dim: int = 1, *args) -> bool:
