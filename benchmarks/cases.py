@@ -40,6 +40,7 @@ class Spec:
     op: str
     args: tuple  # tensors as ("T", shape, role) with role 'act' (compute dtype) or 'fp32'; others as values
     count: int = 1
+    kwargs: tuple = ()  # keyword args as sorted (name, value) pairs (e.g. the attention's qkv layout)
 
 
 @dataclasses.dataclass
@@ -53,9 +54,10 @@ class Case:
     bytes_bwd: Callable[[torch.dtype], int]
     flops_fwd: float = 0.0
     flops_bwd: float = 0.0
+    kwargs: dict = dataclasses.field(default_factory=dict)
 
     def call(self, *args):
-        return getattr(mk, self.op)(*args)
+        return getattr(mk, self.op)(*args, **self.kwargs)
 
 
 def _esize(dtype: torch.dtype) -> int:
@@ -64,13 +66,24 @@ def _esize(dtype: torch.dtype) -> int:
 
 # --- recording the network's calls ------------------------------------------------------------
 
+# Public ops whose keyword-only arguments the functional layer hands to dispatch positionally.
+_NUM_POSITIONAL = {"cosine_attention": 2}
+_KEYWORD_ONLY = {"cosine_attention": ("layout",)}
+
+
 @contextlib.contextmanager
 def _recording(calls: list):
     real = mkf.dispatch
 
-    def recorder(op, *args):
-        calls.append((op, args))
-        return real(op, *args)
+    def recorder(op, *args, **kwargs):
+        rec_args, rec_kwargs = args, dict(kwargs)
+        for i, name in enumerate(_KEYWORD_ONLY.get(op, ())):  # passed positionally to dispatch, keyword-only in mk
+            pos = _NUM_POSITIONAL[op] + i
+            if len(args) > pos:
+                rec_kwargs[name] = args[pos]
+        rec_args = args[:_NUM_POSITIONAL[op]] if op in _NUM_POSITIONAL else args
+        calls.append((op, rec_args, tuple(sorted(rec_kwargs.items()))))
+        return real(op, *args, **kwargs)
 
     mkf.dispatch = recorder
     try:
@@ -98,13 +111,13 @@ def record_network_calls(net_kwargs: dict, batch: int) -> list[Spec]:
     with _recording(calls), mk.use_backend("reference"), torch.no_grad():
         net(x, sigma, labels, return_logvar=True)
     specs: dict = {}
-    for op, args in calls:
+    for op, args, kwargs in calls:
         key_args = tuple(("T", tuple(a.shape), _role(a)) if isinstance(a, torch.Tensor) else a for a in args)
-        key = (op, key_args)
+        key = (op, key_args, kwargs)
         if key in specs:
             specs[key].count += 1
         else:
-            specs[key] = Spec(op, key_args)
+            specs[key] = Spec(op, key_args, kwargs=kwargs)
     out = list(specs.values())
     weights = [tuple(p.shape) for n, p in net.named_parameters() if p.ndim >= 2]
     params = [tuple(p.shape) for p in net.parameters()]
@@ -123,10 +136,10 @@ def network_specs(net_kwargs: dict, batch: int) -> list[Spec]:
             extra.append(Spec("pixel_norm", s.args, s.count))
             extra.append(Spec("normalize", (s.args[0], (1,), s.args[1]), s.count))
         if s.op in ("mp_conv2d", "mp_linear"):
-            extra.append(Spec("mp_weight", (s.args[1], s.args[2], 1e-4), s.count))
+            extra.append(Spec("mp_weight", (s.args[1], s.args[2], 1e-4), s.count, kwargs=s.kwargs))
     merged: dict = {}
     for s in extra:
-        key = (s.op, s.args)
+        key = (s.op, s.args, s.kwargs)
         if key in merged:
             merged[key].count += s.count
         else:
@@ -278,9 +291,11 @@ def case_from_spec(spec: Spec) -> Case:
         return out
 
     ff, fb = flops(op, args)
-    return Case(op=op, label=_label(args), count=spec.count, make=make, diff=_diff_indices(op, args),
+    label = _label(args) + "".join(f" {k}={v}" for k, v in spec.kwargs)
+    return Case(op=op, label=label, count=spec.count, make=make, diff=_diff_indices(op, args),
                 bytes_fwd=lambda dt: must_move_bytes(op, args, _esize(dt))[0],
-                bytes_bwd=lambda dt: must_move_bytes(op, args, _esize(dt))[1], flops_fwd=ff, flops_bwd=fb)
+                bytes_bwd=lambda dt: must_move_bytes(op, args, _esize(dt))[1], flops_fwd=ff, flops_bwd=fb,
+                kwargs=dict(spec.kwargs))
 
 
 def select(specs: list[Spec], ops: list[str] | None, max_per_op: int) -> list[Spec]:

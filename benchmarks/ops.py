@@ -55,7 +55,7 @@ def native(case: Case, backend: str, args) -> bool:
     """True when ``backend`` runs this case itself (no fallback to the reference)."""
     if backend in ("reference", "compile"):
         return True
-    name, _ = _dispatch.implementation(case.op, tuple(args), backend=backend)
+    name, _ = _dispatch.implementation(case.op, tuple(args), case.kwargs, backend=backend)
     return name == backend
 
 
