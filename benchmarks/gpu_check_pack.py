@@ -131,14 +131,17 @@ def main(argv=None) -> int:
              "| stage | result | seconds |", "| --- | --- | --- |"]
     lines += [f"| {n} | {r} | {s} |" for n, r, s in stages]
     if counts:
-        lines += ["", "| test group | passed | failed | errors | skipped | seconds |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| test group | passed | failed | errors | skipped | seconds |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for g, c in sorted(counts.items()):
             if "error" in c:
                 lines.append(f"| {g} | {c['error']} | | | | |")
             else:
-                lines.append(f"| {g} | {c['passed']} | {c['failures']} | {c['errors']} | {c['skipped']} | {c['time']:.0f} |")
+                lines.append(f"| {g} | {c['passed']} | {c['failures']} | {c['errors']} | {c['skipped']} "
+                             f"| {c['time']:.0f} |")
     if report is not None:
-        lines += ["", "Key speed-ups (benchmark, vs eager reference):"] + (key_speedups(report) or ["- (no timing rows)"])
+        lines += ["", "Key speed-ups (benchmark, vs eager reference):"]
+        lines += key_speedups(report) or ["- (no timing rows)"]
     env = os.path.join(args.work, "env.txt")
     if os.path.isfile(env):
         with open(env, errors="replace") as f:

@@ -10,7 +10,7 @@
 #
 # Selection: the Triton test files (tests/test_triton_*.py, the AOT compile check included),
 # without slow tests and without the torch.compile model test (minutes in the interpreter);
-# about 6 minutes on 2 cores.
+# about 8 minutes on 2 cores (most of it the AOT compiles), plus 41 s to create the venv the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=${COMPAT_TORCH:-2.11.0}

@@ -1,7 +1,8 @@
 """Triton backend: forward and backward parity of every op against the fp64 reference.
 
 On a GPU machine the kernels run on CUDA tensors; without one they run under
-``TRITON_INTERPRET=1`` (set by conftest) on CPU tensors (``conftest.kernel_device``). Each case runs the op three ways: the reference in float64 (the oracle, on exactly the
+``TRITON_INTERPRET=1`` (set by conftest) on CPU tensors (``conftest.kernel_device``).
+Each case runs the op three ways: the reference in float64 (the oracle, on exactly the
 rounded inputs), the reference in the low dtype (eager PyTorch's own error, the yardstick),
 and the Triton backend in strict mode (a silent fallback to the reference fails). The
 Triton error may be at most twice eager's plus a small floor (STYLE.md).

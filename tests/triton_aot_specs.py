@@ -72,7 +72,8 @@ def _shape_only_matmuls():
             pad = padding if isinstance(padding, int) else padding[0]
             k = w.shape[-1]
             cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            return torch.empty((n, w.shape[0], h + 2 * pad - k + 1, wd + 2 * pad - k + 1), dtype=x.dtype, device=x.device,
+            shape = (n, w.shape[0], h + 2 * pad - k + 1, wd + 2 * pad - k + 1)  # stride 1: all EDM2 has
+            return torch.empty(shape, dtype=x.dtype, device=x.device,
                                memory_format=torch.channels_last if cl else torch.contiguous_format)
 
         @staticmethod
@@ -159,12 +160,13 @@ def _run(spec, dtype, channels_last) -> None:
     args = []
     for a in spec.args:
         if isinstance(a, tuple) and a and a[0] == "T":
-            args.append(_tensor(a, dtype, channels_last).requires_grad_(spec.op not in ("force_normalize_", "ema_lerp_")))
+            grad = spec.op not in ("force_normalize_", "ema_lerp_")
+            args.append(_tensor(a, dtype, channels_last).requires_grad_(grad))
         elif isinstance(a, tuple) and a and a[0] == "L":
             args.append([torch.empty(s, dtype=torch.float32) for s in a[1]])
         else:
             args.append(a)
-    out = getattr(mk, spec.op)(*args)
+    out = getattr(mk, spec.op)(*args, **dict(getattr(spec, "kwargs", ())))  # e.g. the attention's qkv layout
     outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
             if isinstance(o, torch.Tensor) and o.requires_grad]
     if outs:
