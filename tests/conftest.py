@@ -118,11 +118,14 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def cuda_backend():
-    """The ``mpkernels.cuda`` module with its extension loaded (built just in time if needed), else skip."""
+    """The ``mpkernels.cuda`` module with its extension loaded (built just in time if needed), else skip
+    -- but never on the GPU device: there a missing extension fails the tests instead of hiding them."""
     import mpkernels.cuda as mc
     if not mc.is_available():
         try:
             mc.build()
         except mc.ExtensionBuildError as e:
+            if KERNEL_DEVICE == "cuda":
+                raise RuntimeError(f"mpkernels extension unavailable on the GPU machine: {e}") from e
             pytest.skip(f"mpkernels extension unavailable: {e}")
     return mc

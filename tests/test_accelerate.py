@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import edm2fast
 import mpkernels as mk
 from benchmarks.model import _Counter
-from conftest import assert_close_to_oracle, max_err
+from conftest import assert_close_to_oracle, kernel_device, max_err, require_backend
 from edm2fast.accelerate import AccelerateReport, undo
 
 # ------------------------------------------------------------------------------------------------
@@ -468,14 +468,19 @@ def test_own_network_is_recognised_and_its_backend_pinned(cuda_backend):
     assert not ops("cuda")
 
 
-def test_triton_backend_dispatches_under_the_interpreter():
+def test_triton_backend_dispatches_on_the_kernel_device():
+    """Backend 'triton' pinned by accelerate() runs Triton kernels: CUDA tensors on a GPU machine,
+    the interpreter on CPU tensors otherwise (conftest.kernel_device)."""
+    require_backend("triton")
+    dev = kernel_device()
     torch.manual_seed(0)
     block = Block(4, 4, 4, "dec", attention=True, channels_per_head=4).eval()
     with torch.no_grad():
         block.emb_gain.fill_(0.5)
+    block = block.to(dev)
     ref = copy.deepcopy(block)
     edm2fast.accelerate(block, backend="triton")
-    x, emb = torch.randn(1, 4, 4, 4), torch.randn(1, 4)
+    x, emb = torch.randn(1, 4, 4, 4).to(dev), torch.randn(1, 4).to(dev)
     with torch.no_grad(), _Counter() as c:
         got = block(x, emb)
     assert any("triton" in k for k in c.by_op), c.by_op

@@ -7,6 +7,10 @@ and the normalize tiling.
 * The fp16 backward of tiny q/k vectors under a loss-scaled gradient stays finite.
 * Sizes whose in-sample offsets need more than 32 bits are refused or computed in 64 bits.
 * Normalize block choices are sized in bytes (whole sectors, 16-byte vectors, few masked lanes).
+
+Op tests run on ``conftest.kernel_device()`` (CUDA tensors on a GPU machine, the Triton interpreter
+on CPU tensors otherwise); inputs are drawn on CPU and moved there. PTX checks compile for sm_90
+and need no device.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import torch
 
 import mpkernels as mk
 from mpkernels import reference as R
-from conftest import assert_close_to_oracle
+from conftest import assert_close_to_oracle, kernel_device, require_backend
 
 pytest.importorskip("mpkernels.triton")
 import mpkernels.triton  # noqa: E402,F401
 
-if "triton" not in mk.available_backends():
-    pytest.skip("Triton backend not available", allow_module_level=True)
+require_backend("triton")  # skips on CPU without it; an error on a GPU machine
+DEV = kernel_device()
 
 import triton  # noqa: E402
 
@@ -40,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def to_head_contiguous(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     """The same q, k, v values in head-contiguous channel order (same memory format)."""
-    rows = R.head_contiguous_rows(qkv.shape[1], heads)
+    rows = R.head_contiguous_rows(qkv.shape[1], heads).to(qkv.device)
     fmt = torch.channels_last if not qkv.is_contiguous() else torch.contiguous_format
     return qkv.detach().index_select(1, rows).contiguous(memory_format=fmt)
 
@@ -55,7 +59,7 @@ def test_head_contiguous_rows():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_layouts_agree(backend):
     torch.manual_seed(0)
-    qkv = torch.randn(2, 3 * 32, 4, 4, dtype=torch.float64 if backend == "reference" else torch.float32)
+    qkv = torch.randn(2, 3 * 32, 4, 4, dtype=torch.float64 if backend == "reference" else torch.float32).to(DEV)
     with mk.use_backend(backend, strict=backend != "reference"):
         a = mk.cosine_attention(qkv, 2)
         b = mk.cosine_attention(to_head_contiguous(qkv, 2), 2, layout="head_contiguous")
@@ -84,15 +88,15 @@ def test_head_contiguous_parity(case, dtype):
 @pytest.mark.parametrize("kind", ["nchw", "cl"])
 def test_mp_weight_qkv_heads_triton(kind, gain):
     def make(d):
-        g = 1.3 if gain == "float" else torch.tensor(0.7, requires_grad=True)
+        g = 1.3 if gain == "float" else torch.tensor(0.7, device=DEV, requires_grad=True)
         return [rand((3 * 8, 5, 1, 1), torch.float32, kind), g]
     check_op(lambda w, g: mk.mp_weight(w, g, qkv_heads=2), make, torch.float32)
 
 
 def test_mp_weight_qkv_heads_is_a_row_permutation():
     torch.manual_seed(0)
-    w = torch.randn(3 * 12, 7, 1, 1)
-    rows = R.head_contiguous_rows(36, 3)
+    w = torch.randn(3 * 12, 7, 1, 1).to(DEV)
+    rows = R.head_contiguous_rows(36, 3).to(DEV)
     for backend in ("reference", "triton"):
         with mk.use_backend(backend, strict=backend != "reference"):
             torch.testing.assert_close(mk.mp_weight(w, 0.9, qkv_heads=3), mk.mp_weight(w, 0.9)[rows])
@@ -102,7 +106,7 @@ def test_mp_weight_qkv_heads_is_a_row_permutation():
 def test_mp_conv2d_qkv_heads(dtype):
     def make(d):
         return [rand((2, 6, 3, 3), d, "cl"), rand((3 * 6, 6, 1, 1), torch.float32),
-                torch.tensor(0.8, requires_grad=True)]
+                torch.tensor(0.8, device=DEV, requires_grad=True)]
     check_op(lambda x, w, g: mk.mp_conv2d(x, w, g, qkv_heads=3), make, dtype)
 
 
@@ -110,8 +114,8 @@ def test_mp_conv2d_qkv_heads(dtype):
 def test_permuted_conv_then_head_contiguous_equals_release_path(backend):
     """What the Block now computes equals the spec's path (interleaved weight rows and attention)."""
     torch.manual_seed(0)
-    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(48, 16, 1, 1)
+    x = torch.randn(2, 16, 4, 4).to(DEV).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(48, 16, 1, 1).to(DEV)
     with mk.use_backend(backend, strict=backend != "reference"):
         old = mk.cosine_attention(mk.mp_conv2d(x, w), 2)
         new = mk.cosine_attention(mk.mp_conv2d(x, w, qkv_heads=2), 2, layout="head_contiguous")
@@ -139,9 +143,10 @@ def test_block_state_dict_unchanged_and_output_matches_release_order():
 
 
 def test_cuda_backend_serves_qkv_heads(cuda_backend):
-    """The extension backend takes the option too (a gather of its effective weight), strict mode."""
+    """The extension backend takes the option too (a gather of its effective weight), strict mode;
+    its CUDA kernels on a GPU machine, its CPU twins otherwise."""
     torch.manual_seed(0)
-    x, w = torch.randn(2, 7, 3, 3), torch.randn(36, 7, 1, 1)
+    x, w = torch.randn(2, 7, 3, 3).to(DEV), torch.randn(36, 7, 1, 1).to(DEV)
     outs = []
     for backend in ("cuda", "reference"):
         wb = w.clone().requires_grad_()
@@ -178,8 +183,8 @@ def test_fp16_backward_tiny_vectors_loss_scaled():
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(1, 3 * D, 8, 8, generator=g, dtype=torch.float64)
     qkv.view(1, heads, D, 3, L)[:, :, :, 1] *= 1e-3
-    qkv = qkv.to(torch.float16)
-    grad = (torch.randn(1, D, 8, 8, generator=g, dtype=torch.float64) * 2.0 ** 6).to(torch.float16)
+    qkv = qkv.to(torch.float16).to(DEV)
+    grad = (torch.randn(1, D, 8, 8, generator=g, dtype=torch.float64) * 2.0 ** 6).to(torch.float16).to(DEV)
 
     def run(dtype, backend, strict=False):
         t = qkv.to(dtype).clone().requires_grad_()
@@ -325,8 +330,8 @@ def test_compiled_head_contiguous_path():
     """``torch.compile(fullgraph=True)`` traces the permuted qkv conv and the head-contiguous attention."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    x = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
-    w = torch.randn(48, 16, 1, 1, requires_grad=True)
+    x = torch.randn(1, 16, 4, 4).to(DEV).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(48, 16, 1, 1).to(DEV).requires_grad_()
 
     def attn(x, w):
         return mk.cosine_attention(mk.mp_conv2d(x, w, qkv_heads=2), 2, layout="head_contiguous")

@@ -13,7 +13,9 @@
   ``torch.compile`` fails its stride assertions.
 
 The compile checks run in a subprocess without ``TRITON_INTERPRET`` (this file is the script:
-``python tests/test_triton_gpu_semantics.py < jobs.json``), like ``tests/triton_aot.py``.
+``python tests/test_triton_gpu_semantics.py < jobs.json``), like ``tests/triton_aot.py``;
+they need no device. The op tests run on ``conftest.kernel_device()``: CUDA tensors (the real
+kernels) on a GPU machine, the interpreter on CPU tensors otherwise.
 """
 
 from __future__ import annotations
@@ -80,16 +82,29 @@ def _ptxas_available() -> bool:
 needs_compiler = pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend is not installed")
 
 
+def kernel_device() -> torch.device:
+    """``conftest.kernel_device()``, imported late: the compile subprocess runs this file as a script
+    and must not import conftest (it would set ``TRITON_INTERPRET`` again)."""
+    from conftest import kernel_device
+    return kernel_device()
+
+
+def require_backend(name: str) -> None:
+    """``conftest.require_backend``: skip on CPU when ``name`` is missing, fail on a GPU machine."""
+    from conftest import require_backend
+    require_backend(name)
+
+
 # --- NaN and infinities in mp_sum / mp_sum_clip -----------------------------------------------------
 
 SPECIALS = [float("nan"), float("inf"), float("-inf"), 0.0, 1.5, -2.0, 300.0, -300.0]
 
 
 def _special_pairs(dtype, kind):
-    """Every pair of special values, as two [2, 2, 4, 4] tensors (64 elements)."""
+    """Every pair of special values, as two [2, 2, 4, 4] tensors (64 elements) on the kernel device."""
     v = torch.tensor(SPECIALS, dtype=torch.float64)
-    a = v[:, None].expand(8, 8).reshape(2, 2, 4, 4).to(dtype)
-    b = v[None, :].expand(8, 8).reshape(2, 2, 4, 4).to(dtype)
+    a = v[:, None].expand(8, 8).reshape(2, 2, 4, 4).to(dtype).to(kernel_device())
+    b = v[None, :].expand(8, 8).reshape(2, 2, 4, 4).to(dtype).to(kernel_device())
     fmt = torch.channels_last if kind == "cl" else torch.contiguous_format
     return a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
 
@@ -112,13 +127,14 @@ def _run(fn, a, b, backend, g):
 def test_mp_sum_nan_inf_match_reference(clip, t, dtype, kind):
     import mpkernels as mk
     pytest.importorskip("mpkernels.triton")
+    require_backend("triton")
     a, b = _special_pairs(dtype, kind)
-    g = torch.linspace(-1, 1, a.numel(), dtype=torch.float64).reshape(a.shape).to(dtype)
+    g = torch.linspace(-1, 1, a.numel(), dtype=torch.float64).reshape(a.shape).to(dtype).to(a.device)
     fn = (lambda x, y: mk.mp_sum(x, y, t)) if clip is None else (lambda x, y: mk.mp_sum_clip(x, y, t, clip))
     ref = _run(fn, a, b, "reference", g)
     tri = _run(fn, a, b, "triton", g)
     for name, r, o in zip(("output", "grad a", "grad b"), ref, tri):
-        assert o.dtype == r.dtype
+        assert o.dtype == r.dtype and o.device == a.device
         bad = torch.isnan(r) != torch.isnan(o)
         assert not bad.any(), (f"{name}: NaN where the reference has none or vice versa at "
                                f"a={a[bad].tolist()} b={b[bad].tolist()}: reference {r[bad].tolist()}, "
@@ -333,18 +349,21 @@ RESAMPLE_CASES = [(2, 3, 2, 2), (1, 3, 1, 1), (2, 1, 4, 4), (1, 1, 2, 2), (2, 4,
 @pytest.mark.parametrize("shape", RESAMPLE_CASES, ids=lambda s: "x".join(map(str, s)))
 def test_resample_fake_strides_match_kernel(shape, mode, cl):
     tri = pytest.importorskip("mpkernels.triton")
+    require_backend("triton")
     R = tri.resample
     if mode == "down" and (shape[2] % 2 or shape[3] % 2):
         pytest.skip("odd size")
     fmt = torch.channels_last if cl else torch.contiguous_format
-    x = torch.randn(shape).contiguous(memory_format=fmt)
+    dev = kernel_device()
+    x = torch.randn(shape).to(dev).contiguous(memory_format=fmt)
     fwd, bwd = (R._down_op, R._down_bwd_op) if mode == "down" else (R._up_op, R._up_bwd_op)
     y = fwd(x)
+    assert y.device == x.device
     y_fake = fwd(x.to("meta"))
     assert (y_fake.shape, y_fake.stride()) == (y.shape, y.stride()), "forward"
     layout = R._layout(x)
     # the gradient as autograd may hand it over: in the output's layout, or in either format
-    for g in (torch.randn_like(y), torch.randn(y.shape), torch.randn(y.shape).contiguous(
+    for g in (torch.randn_like(y), torch.randn(y.shape).to(dev), torch.randn(y.shape).to(dev).contiguous(
             memory_format=torch.channels_last)):
         dx = bwd(g, layout)
         dx_fake = bwd(g.to("meta"), layout)
@@ -358,7 +377,8 @@ def test_resample_compiles_channels_last_down_to_1x1():
     """torch.compile(fullgraph=True), forward and backward, channels_last [2, C, 2, 2] -> 1x1."""
     import mpkernels as mk
     pytest.importorskip("mpkernels.triton")
-    x = torch.randn(2, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    require_backend("triton")
+    x = torch.randn(2, 3, 2, 2).to(kernel_device()).contiguous(memory_format=torch.channels_last)
 
     def f(x):  # ops on both sides, so compiled code reads the op's outputs with the fake's strides
         return (mk.resample(x * 2.0 + 1.0, "down") * 3.0).sin()
