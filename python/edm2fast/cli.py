@@ -28,6 +28,20 @@ class UserError(Exception):
     """A problem the user can fix; reported as one line, exit status 2."""
 
 
+def resolve_device(name):
+    """``--device`` of the commands: None picks CUDA when present, else the CPU; an unusable name is a UserError."""
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edm2fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)

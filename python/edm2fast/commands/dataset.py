@@ -26,6 +26,7 @@ import contextlib
 import os
 
 from ..cli import UserError
+from ..cli import resolve_device as _device
 
 DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
 _ARG_PREFIXES = ("source", "dest", "resolution", "transform", "channels", "max_images", "vae", "batch_size",
@@ -85,19 +86,6 @@ def _as_user_errors():
         raise UserError(str(e)) from None
     except (FileNotFoundError, ValueError) as e:
         raise UserError(_flag_message(e)) from None
-
-
-def _device(name):
-    import torch
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def add_arguments(parser) -> None:

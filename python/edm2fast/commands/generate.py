@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..cli import UserError
+from ..cli import resolve_device as _device
 from .dataset import add_vae_arguments, open_vae
 from .train import finite_float, nonneg_float, nonneg_int, positive_float, positive_int
 
@@ -359,16 +360,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_vae_arguments(g, "the decoder", dtype_flag="--vae-dtype")
 
 
-def _device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def set_backend(name: str) -> None:
