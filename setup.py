@@ -50,7 +50,9 @@ if sys.platform.startswith("linux"):
 
 extras = {
     # cuobjdump: tests/test_cuda_codegen.py reads the SASS of the CUDA kernels
-    "test": ["pytest", "pytest-benchmark", "hypothesis", "nvidia-cuda-cuobjdump>=13,<14; sys_platform == 'linux'"],
+    # (cuobjdump -sass runs nvdisasm, a separate wheel)
+    "test": ["pytest", "pytest-benchmark", "hypothesis", "nvidia-cuda-cuobjdump>=13,<14; sys_platform == 'linux'",
+             "nvidia-cuda-nvdisasm>=13,<14; sys_platform == 'linux'"],
     "train": ["tqdm", "matplotlib", "scikit-learn"],
     "latent": ["diffusers>=0.20", "huggingface_hub"],  # sd-vae-ft-mse for the img512 models (edm2fast.vae)
     # FID (torch-fidelity's TF-compatible Inception) and FD_DINOv2 (timm) for edm2fast.metrics

@@ -85,7 +85,9 @@ class Compiled:
             r = subprocess.run([ptxas, f"-arch={arch}", "-O3", ptx, "-o", cubin], capture_output=True, text=True,
                                timeout=900)
             assert r.returncode == 0, f"ptxas {f} failed:\n{r.stderr[-4000:]}"
-            r = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, timeout=300)
+            # cuobjdump -sass runs nvdisasm: the wheel puts it next to cuobjdump, which may not be on PATH
+            env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(cuobjdump), os.environ.get("PATH", "")]))
+            r = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, timeout=300, env=env)
             assert r.returncode == 0, f"cuobjdump {cubin} failed:\n{r.stderr[-2000:]}"
             with open(ptx) as fh:
                 self.ptx[f] = split_ptx(fh.read())
