@@ -22,10 +22,11 @@ import torch
 
 import mpkernels as mk
 import mpkernels.functional as mkf
+import mpkernels.multi_weight as mkw
 
-OPS = ["normalize", "pixel_norm", "mp_silu", "mp_sum", "mp_cat", "mp_fourier", "mp_weight", "mp_conv2d", "mp_linear",
-       "cosine_attention", "pixel_norm_mp_silu", "modulated_mp_silu", "mp_sum_clip", "resample", "force_normalize_",
-       "ema_lerp_"]
+OPS = ["normalize", "pixel_norm", "mp_silu", "mp_sum", "mp_cat", "mp_cat_mp_silu", "mp_fourier", "mp_weight",
+       "mp_weights", "mp_conv2d", "mp_linear", "cosine_attention", "pixel_norm_mp_silu", "modulated_mp_silu",
+       "mp_sum_clip", "resample", "force_normalize_", "ema_lerp_"]
 INPLACE_OPS = {"force_normalize_", "ema_lerp_"}
 
 # A small network for CPU runs (interpreter parity, CPU timing): every op and code path of
@@ -55,8 +56,15 @@ class Case:
     flops_fwd: float = 0.0
     flops_bwd: float = 0.0
     kwargs: dict = dataclasses.field(default_factory=dict)
+    # Ops whose arguments are lists (mp_weights): ``make`` returns flat tensors (so every weight and
+    # gain gets its own gradient), ``caller`` rebuilds the public call, ``dispatch_args`` the
+    # arguments the dispatcher sees (to ask whether a backend serves the case natively).
+    caller: Callable | None = None
+    dispatch_args: Callable[[list], tuple] | None = None
 
     def call(self, *args):
+        if self.caller is not None:
+            return self.caller(*args)
         return getattr(mk, self.op)(*args, **self.kwargs)
 
 
@@ -86,16 +94,30 @@ def _recording(calls: list):
         return real(op, *args, **kwargs)
 
     mkf.dispatch = recorder
+    mkw.dispatch = recorder
     try:
         yield
     finally:
         mkf.dispatch = real
+        mkw.dispatch = real
 
 
 def _role(t: torch.Tensor) -> str:
     # The network is recorded with an fp16 U-Net: fp16 tensors are activations (they take the
     # benchmark's compute dtype); fp32 ones (weights, embeddings, noise levels) stay fp32.
     return "act" if t.dtype == torch.float16 else "fp32"
+
+
+def _key(a):
+    """A recorded argument in hashable form: tensors by shape and role, lists entry by entry."""
+    if isinstance(a, torch.Tensor):
+        return ("T", tuple(a.shape), _role(a))
+    if isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a):
+        return ("L", tuple(tuple(t.shape) for t in a))
+    if isinstance(a, (list, tuple)):  # per-weight gains, qkv heads, output dtypes of mp_weights
+        return ("V", tuple("tensor" if isinstance(v, torch.Tensor) else
+                           ("act" if v == torch.float16 else "fp32") if isinstance(v, torch.dtype) else v for v in a))
+    return a
 
 
 def record_network_calls(net_kwargs: dict, batch: int) -> list[Spec]:
@@ -112,7 +134,7 @@ def record_network_calls(net_kwargs: dict, batch: int) -> list[Spec]:
         net(x, sigma, labels, return_logvar=True)
     specs: dict = {}
     for op, args, kwargs in calls:
-        key_args = tuple(("T", tuple(a.shape), _role(a)) if isinstance(a, torch.Tensor) else a for a in args)
+        key_args = tuple(_key(a) for a in args)
         key = (op, key_args, kwargs)
         if key in specs:
             specs[key].count += 1
@@ -137,6 +159,12 @@ def network_specs(net_kwargs: dict, batch: int) -> list[Spec]:
             extra.append(Spec("normalize", (s.args[0], (1,), s.args[1]), s.count))
         if s.op in ("mp_conv2d", "mp_linear"):
             extra.append(Spec("mp_weight", (s.args[1], s.args[2], 1e-4), s.count, kwargs=s.kwargs))
+        if s.op == "mp_weights":  # the single-weight op at every weight shape the network has
+            (_, shapes), (_, gains), eps, (_, heads) = s.args[:4]
+            for shape, gain, qkv in zip(shapes, gains, heads):
+                g = ("T", (), "fp32") if gain == "tensor" else gain
+                extra.append(Spec("mp_weight", (("T", shape, "fp32"), g, eps), s.count,
+                                  kwargs=(("qkv_heads", qkv),) if qkv else ()))
     merged: dict = {}
     for s in extra:
         key = (s.op, s.args, s.kwargs)
@@ -188,6 +216,17 @@ def must_move_bytes(op: str, args: tuple, es: int) -> tuple[int, int]:
     if op == "mp_cat":
         n = nbytes(t[0]) + nbytes(t[1])
         return 2 * n, 2 * n
+    if op == "mp_cat_mp_silu":
+        n = nbytes(t[0]) + nbytes(t[1])
+        return 3 * n, 4 * n  # fwd: a, b -> x, y; bwd: g_x, g_y, x -> da, db
+    if op == "mp_weights":  # fwd: fp32 w -> w_eff in its dtype; bwd: grad, w -> fp32 dw
+        (_, shapes), _, _, _, (_, roles) = args
+        fwd = bwd = 0
+        for shape, role in zip(shapes, roles):
+            n, out = _numel(shape), (es if role == "act" else 4)
+            fwd += n * (4 + out)
+            bwd += n * (out + 4 + 4)
+        return fwd, bwd
     if op == "resample":
         n = nbytes(t[0])
         mode = args[1]
@@ -268,8 +307,41 @@ def _diff_indices(op: str, args) -> tuple[int, ...]:
     return tuple(idx)
 
 
+def _weights_case(spec: Spec) -> Case:
+    """``mp_weights`` over the network's weight list: flat tensor arguments (weights, then the tensor
+    gains, then a one-element probe in the compute dtype that the 'act' outputs take)."""
+    (_, shapes), (_, gains), eps, (_, heads), (_, roles) = spec.args
+    n = len(shapes)
+    tensor_gains = [i for i, g in enumerate(gains) if g == "tensor"]
+
+    def make(dtype, device, gen):
+        wdt = torch.float64 if dtype == torch.float64 else torch.float32
+        ws = [torch.randn(s, generator=gen, dtype=torch.float32).to(device=device, dtype=wdt) for s in shapes]
+        gs = [(torch.randn((), generator=gen, dtype=torch.float32) * 0.5 + 1).to(device=device, dtype=wdt)
+              for _ in tensor_gains]
+        return ws + gs + [torch.zeros(1, device=device, dtype=dtype)]
+
+    def unflatten(flat):
+        ws, gs, probe = list(flat[:n]), iter(flat[n:-1]), flat[-1]
+        gain_list = [next(gs) if g == "tensor" else g for g in gains]
+        wdt = ws[0].dtype
+        dtypes = [probe.dtype if r == "act" else wdt for r in roles]
+        return ws, gain_list, eps, [h if h else None for h in heads], dtypes
+
+    def caller(*flat):
+        ws, gain_list, e, qkv, dtypes = unflatten(flat)
+        return mk.mp_weights(ws, gain_list, e, qkv_heads=qkv, dtypes=dtypes)
+
+    nbytes = lambda dt: must_move_bytes("mp_weights", spec.args, _esize(dt))  # noqa: E731
+    return Case(op="mp_weights", label=f"{n} weights", count=spec.count, make=make,
+                diff=tuple(range(n + len(tensor_gains))), bytes_fwd=lambda dt: nbytes(dt)[0],
+                bytes_bwd=lambda dt: nbytes(dt)[1], caller=caller, dispatch_args=lambda flat: unflatten(flat))
+
+
 def case_from_spec(spec: Spec) -> Case:
     op, args = spec.op, spec.args
+    if op == "mp_weights":
+        return _weights_case(spec)
 
     def make(dtype, device, gen):
         out = []

@@ -63,6 +63,7 @@ class _Counter(TorchDispatchMode):
         self.ops = 0
         self.bytes = 0
         self.by_op: dict[str, int] = {}
+        self.bytes_by_op: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -71,7 +72,9 @@ class _Counter(TorchDispatchMode):
         self.ops += 1
         name = str(func.overloadpacket).replace("<OpOverloadPacket(op='", "").rstrip("')>")
         self.by_op[name] = self.by_op.get(name, 0) + 1
-        self.bytes += _nbytes(args) + _nbytes(kwargs or {}) + _nbytes(out)
+        moved = _nbytes(args) + _nbytes(kwargs or {}) + _nbytes(out)
+        self.bytes_by_op[name] = self.bytes_by_op.get(name, 0) + moved
+        self.bytes += moved
         return out
 
 
@@ -96,8 +99,27 @@ def _nbytes(obj) -> int:
     return 0
 
 
+# The whole-step accounting the issue tracks: the EDM2-S training step, batch 32, bf16 (meta device,
+# so it runs anywhere in a few seconds), and its targets (issue 10). The reference is for context.
+ACCOUNTING_PRESET = "edm2-img512-s"
+ACCOUNTING_BATCH = 32
+ACCOUNTING_DTYPE = torch.bfloat16
+ACCOUNTING_TARGETS = {"triton": {"ops": 650, "GiB": 38.0}, "cuda": {"ops": 800}}
+
+# Library kernels (cuDNN / cuBLAS GEMMs, PyTorch's fused attention): a launch each by nature, not
+# candidates for a fused elementwise kernel.
+_LIBRARY = {"aten.convolution", "aten.convolution_backward", "aten.mm", "aten.addmm", "aten.bmm",
+            *(f"aten._scaled_dot_product_{kind}_attention{bwd}" for kind in ("flash", "efficient", "cudnn")
+              for bwd in ("", "_backward"))}
+
+
 def account_step(net_kwargs: dict, batch: int, dtype: torch.dtype, backend: str) -> dict:
-    """Ops (~launches) and bytes of one training step's forward+backward, weight norm and EMA, on meta."""
+    """Ops (~launches) and bytes of one training step's forward+backward, weight norm and EMA, on meta.
+
+    Returns totals, ``by_op`` (count per op, most first), ``GiB_by_op``, and ``unfused``: the ops
+    that are neither an mpkernels kernel nor a library kernel (GEMM, fused attention), ``{op: [count,
+    GiB]}`` by count (what to fuse next), with ``library`` the launch count of those library kernels.
+    """
     from edm2fast.loss import EDM2Loss
     from edm2fast.networks import forced_norm_weights, set_forced_weight_norm
 
@@ -117,8 +139,39 @@ def account_step(net_kwargs: dict, batch: int, dtype: torch.dtype, backend: str)
         loss = loss_fn(net, x, labels).sum() / batch
         loss.backward()
         mk.ema_lerp_(ema, [p.detach() for p in net.parameters()], 0.01)
-    top = sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:12]
-    return {"backend": backend, "ops": counter.ops, "GiB": counter.bytes / 2 ** 30, "top_ops": dict(top)}
+    by_op = dict(sorted(counter.by_op.items(), key=lambda kv: (-kv[1], kv[0])))
+    gib = {k: counter.bytes_by_op[k] / 2 ** 30 for k in by_op}
+    unfused = {k: [n, gib[k]] for k, n in by_op.items() if k.startswith("aten.") and k not in _LIBRARY}
+    return {"backend": backend, "ops": counter.ops, "GiB": counter.bytes / 2 ** 30,
+            "top_ops": dict(list(by_op.items())[:12]), "by_op": by_op, "GiB_by_op": gib, "unfused": unfused,
+            "library": sum(n for k, n in by_op.items() if k in _LIBRARY)}
+
+
+def accounting_targets(row: dict) -> list[dict]:
+    """The issue's targets for ``row``'s backend: ``[{'what', 'target', 'value', 'met'}]`` (empty: none)."""
+    out = []
+    for what, target in ACCOUNTING_TARGETS.get(row.get("backend"), {}).items():
+        value = row.get(what)
+        out.append({"what": what, "target": target, "value": value, "met": value is not None and value <= target})
+    return out
+
+
+def account_training_step(backends, preset: str = ACCOUNTING_PRESET, batch: int = ACCOUNTING_BATCH,
+                          dtype: torch.dtype = ACCOUNTING_DTYPE) -> dict:
+    """:func:`account_step` of the preset's training step for every backend (an error row where one
+    cannot be traced), with the targets; what ``python -m benchmarks`` prints on any machine."""
+    from edm2fast.presets import network_kwargs
+
+    kwargs = network_kwargs(preset)
+    rows = []
+    for b in backends:
+        try:
+            row = account_step(kwargs, batch, dtype, b)
+        except Exception as e:
+            row = {"backend": b, "error": f"{type(e).__name__}: {e}"[:300]}
+        row["targets"] = accounting_targets(row)
+        rows.append(row)
+    return {"network": f"preset {preset}", "batch": batch, "dtype": str(dtype), "rows": rows}
 
 
 def train_step(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch.device, variant: str,

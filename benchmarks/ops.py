@@ -55,7 +55,8 @@ def native(case: Case, backend: str, args) -> bool:
     """True when ``backend`` runs this case itself (no fallback to the reference)."""
     if backend in ("reference", "compile"):
         return True
-    name, _ = _dispatch.implementation(case.op, tuple(args), case.kwargs, backend=backend)
+    dargs = case.dispatch_args(args) if case.dispatch_args is not None else tuple(args)
+    name, _ = _dispatch.implementation(case.op, tuple(dargs), case.kwargs, backend=backend)
     return name == backend
 
 

@@ -34,13 +34,27 @@ def print_timing(rows: list[dict]) -> None:
     print(flush=True)
 
 
-def print_accounting(rows: list[dict]) -> None:
-    print("training-step accounting (forward+backward, weight norm, EMA; traced on the meta device):")
-    for r in rows:
+def _targets_text(r: dict) -> str:
+    parts = [f"{t['what']} <= {t['target']:g}: {'met' if t['met'] else 'NOT met'}" for t in r.get("targets", [])]
+    return "; ".join(parts)
+
+
+def _unfused_text(r: dict, n: int = 8) -> str:
+    return ", ".join(f"{op.removeprefix('aten.')} x{c} ({g:.2f} GiB)" for op, (c, g) in list(r["unfused"].items())[:n])
+
+
+def print_accounting(acc: dict) -> None:
+    print(f"training-step accounting ({acc['network']}, batch {acc['batch']}, {acc['dtype']}; forward+backward, "
+          "weight norm, EMA; traced on the meta device):")
+    for r in acc["rows"]:
         if "error" in r:
             print(f"  {r['backend']:<10} not traceable: {r['error']}")
-        else:
-            print(f"  {r['backend']:<10} {r['ops']:>6} ops/launches  {r['GiB']:8.2f} GiB moved")
+            continue
+        targets = _targets_text(r)
+        print(f"  {r['backend']:<10} {r['ops']:>6} ops/launches  {r['GiB']:8.2f} GiB moved"
+              + (f"  [{targets}]" if targets else ""))
+        if "unfused" in r:
+            print(f"             {r['library']} GEMM/attention library launches; top non-fused ops: {_unfused_text(r)}")
     print(flush=True)
 
 
@@ -90,9 +104,14 @@ def write_markdown(report: dict, path: str) -> None:
                      f"{_fmt(b.get('pct_copy_bw'), '.0f')} |")
     acc = report.get("accounting", {})
     lines += ["", f"## Training-step accounting ({acc.get('network')}, batch {acc.get('batch')}, {acc.get('dtype')})", "",
-              "| backend | ops (~launches) | GiB moved |", "|---|---|---|"]
+              "| backend | ops (~launches) | GiB moved | targets | GEMM/attention library launches | top non-fused ops (count, GiB) |",
+              "|---|---|---|---|---|---|"]
     for r in acc.get("rows", []):
-        lines.append(f"| {r['backend']} | {r.get('ops', '-')} | {_fmt(r.get('GiB'), '.2f')} |")
+        if "error" in r:
+            lines.append(f"| {r['backend']} | not traceable: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['backend']} | {r['ops']} | {r['GiB']:.2f} | {_targets_text(r) or '-'} | "
+                     f"{r.get('library', '-')} | {_unfused_text(r) if 'unfused' in r else '-'} |")
     ts = report.get("train_step")
     if ts:
         lines += ["", f"## Training step ({ts['forward_GFLOP_per_image']:.2f} forward GFLOP/image)", "",

@@ -496,6 +496,11 @@ void ema_lerp_(const std::vector<Tensor>& ema_tensors, const std::vector<Tensor>
 
 }  // namespace
 
+// Cosine attention normalization and mp_cat (csrc/attention_cat_bindings.cpp).
+void register_attention_cat(pybind11::module& m);
+// mp_weights, the multi-tensor mp_weight (csrc/multi_weight_bindings.cpp).
+void register_multi_weight(pybind11::module& m);
+
 #define MPK_STR2(x) #x
 #define MPK_STR(x) MPK_STR2(x)
 
@@ -508,6 +513,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("source_hash") = "";
 #endif
+  register_attention_cat(m);
+  register_multi_weight(m);
   m.def("cpu_isa", &mpk::cpu::isa_name, "instruction set of the CPU kernels in use");
   m.def(
       "_set_cpu_isa", [](const std::string& name) { return mpk::cpu::set_isa(name.c_str()); }, py::arg("name"),

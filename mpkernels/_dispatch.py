@@ -18,6 +18,11 @@ which the parity tests use to make sure a fast path really ran.
 
 The active backend is read from plain module state so that ``torch.compile``
 traces through the choice (it is resolved at trace time).
+
+Eager calls look up their candidate implementations in a cache keyed by (op, backend
+setting, device type); only the candidates' ``supports`` predicates run per call. Any change
+to the registry (``register``, ``register_backend``, ``refresh_availability``, or editing
+the registry dicts directly) empties the cache; the backend setting is part of the key.
 """
 
 from __future__ import annotations
@@ -64,8 +69,48 @@ class _Impl:
     supports: Callable[..., bool] | None  # optional finer predicate on the call's args
 
 
-_BACKENDS: dict[str, _Backend] = {}
-_IMPLS: dict[tuple[str, str], _Impl] = {}
+class _Registry(dict):
+    """A dict that empties the candidate cache whenever it changes (tests edit it directly)."""
+
+    def _changed(self):
+        _CANDIDATES.clear()
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changed()
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        self._changed()
+        return out
+
+    def popitem(self):
+        out = super().popitem()
+        self._changed()
+        return out
+
+    def setdefault(self, key, default=None):
+        out = super().setdefault(key, default)
+        self._changed()
+        return out
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def clear(self):
+        super().clear()
+        self._changed()
+
+
+_BACKENDS: dict[str, _Backend] = _Registry()
+_IMPLS: dict[tuple[str, str], _Impl] = _Registry()
+# (op, backend setting, device type) -> ((backend, impl), ...) to try in order; see implementation()
+_CANDIDATES: dict[tuple[str, str, str], tuple[tuple[str, _Impl], ...]] = {}
 
 
 class _State:
@@ -92,6 +137,7 @@ def register_backend(name: str, *, priority: int, is_available: Callable[[], boo
     _BACKENDS[name] = _Backend(name, priority, is_available, description,
                                None if auto_devices is None else tuple(auto_devices), prepare)
     _AVAILABLE = None
+    _CANDIDATES.clear()
 
 
 def register(op: str, backend: str, fn: Callable | None = None, *, devices=("cuda",),
@@ -140,6 +186,7 @@ def refresh_availability() -> None:
     """Forget the cached availability (call after building an extension at run time)."""
     global _AVAILABLE
     _AVAILABLE = None
+    _CANDIDATES.clear()
 
 
 def _check_name(name: str) -> str:
@@ -178,6 +225,14 @@ def use_backend(name: str, *, strict: bool = False) -> Iterator[None]:
 
 
 def _device_type(args, kwargs) -> str:
+    if args and isinstance(args[0], torch.Tensor):  # the common case: the op's first argument
+        a = args[0]
+        if a.is_cuda:  # cheaper than building a torch.device
+            return "cuda"
+        if a.is_cpu:
+            return "cpu"
+        t = a.device.type
+        return _STATE.simulate if t == "meta" and _STATE.simulate else t
     for a in list(args) + list(kwargs.values()):
         if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
             a = a[0]
@@ -206,10 +261,22 @@ def simulate(backend: str, device_type: str = "cuda") -> Iterator[None]:
         _STATE.backend, _STATE.strict, _STATE.simulate = prev
 
 
-def _accepts(impl: _Impl, device: str, args, kwargs) -> bool:
-    if impl.devices is not None and device not in impl.devices:
-        return False
-    return impl.supports is None or bool(impl.supports(*args, **kwargs))
+def _candidates(op: str, name: str, device: str) -> tuple[tuple[str, _Impl], ...]:
+    """The (backend, impl) pairs that may serve ``op`` on ``device`` under backend setting ``name``,
+    in the order they are tried; their ``supports`` predicates decide per call."""
+    def runs_here(impl):
+        return impl is not None and (impl.devices is None or device in impl.devices)
+
+    if name != "auto":
+        impl = _IMPLS.get((op, name))
+        return ((name, impl),) if runs_here(impl) else ()
+    out = []
+    for b in _available():
+        auto_devices = _BACKENDS[b].auto_devices
+        impl = _IMPLS.get((op, b))
+        if (auto_devices is None or device in auto_devices) and runs_here(impl):
+            out.append((b, impl))
+    return tuple(out)
 
 
 def implementation(op: str, args=(), kwargs=None, backend: str | None = None) -> tuple[str, Callable]:
@@ -217,18 +284,18 @@ def implementation(op: str, args=(), kwargs=None, backend: str | None = None) ->
     kwargs = kwargs or {}
     name = _STATE.backend if backend is None else backend
     device = _device_type(args, kwargs)
+    if torch.compiler.is_compiling():  # resolved at trace time; no cache mutation inside a trace
+        cands = _candidates(op, name, device)
+    else:
+        key = (op, name, device)
+        cands = _CANDIDATES.get(key)
+        if cands is None:
+            cands = _CANDIDATES[key] = _candidates(op, name, device)
+    for b, impl in cands:
+        if impl.supports is None or impl.supports(*args, **kwargs):
+            return b, impl.fn
     if name == "auto":
-        for b in _available():
-            auto_devices = _BACKENDS[b].auto_devices
-            if auto_devices is not None and device not in auto_devices:
-                continue
-            impl = _IMPLS.get((op, b))
-            if impl is not None and _accepts(impl, device, args, kwargs):
-                return b, impl.fn
         raise LookupError(f"no implementation of {op!r} for device {device!r}")  # reference covers all
-    impl = _IMPLS.get((op, name))
-    if impl is not None and _accepts(impl, device, args, kwargs):
-        return name, impl.fn
     if _STATE.strict and name != "reference":
         raise BackendUnavailableError(
             f"backend {name!r} cannot run {op!r} for these arguments (device {device!r}); strict mode forbids "

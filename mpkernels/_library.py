@@ -18,16 +18,171 @@ statistics saved for backward (e.g. fp32 per-pixel inverse norms). Usage::
 The backward op is called as ``bwd(*grads_of_visible_outputs, *saved_inputs,
 *saved_outputs, *nontensor_args)`` and returns one gradient per index in
 ``grads_for`` (the forward inputs that receive a gradient; the rest get None).
+
+Eager calls take a lean path. The ``torch.library`` machinery (schema parsing, dispatcher,
+the generated autograd function, alias checks) costs several microseconds per call, more
+than a small kernel. So an op made by :func:`kernel_op` calls its implementation directly,
+or through a plain ``torch.autograd.Function`` built from the same ``setup_context`` and
+``backward`` when an input requires grad, whenever that is provably what the custom op
+would do: plain tensors (no subclass, not on the meta device) and plain Python scalars
+matching the schema, and nothing that intercepts ops: no ``torch.compile`` tracing, no
+``TorchDispatchMode`` / ``FakeTensorMode`` / function mode, no functorch transform, no
+forward-mode AD, no profiler (which names custom ops in its traces). Anything else calls
+the custom op itself, so tracing, fake tensors and the benchmark's launch accounting see
+``mpkernels::<name>`` nodes as before. :func:`lean_path` switches the lean path off (tests
+compare both paths bit for bit; the benchmark times both).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
+from torch._C._functorch import peek_interpreter_stack as _functorch_stack
+from torch._library.custom_ops import CustomOpDef
+from torch.autograd import forward_ad as _forward_ad
 
 NAMESPACE = "mpkernels"
 _DEFINED: dict[str, object] = {}
+_LEAN = [True]  # lean_path() flips it
+
+# Argument kinds the lean path can check exactly; an op with any other kind always takes the custom op.
+_TENSOR, _OPT_TENSOR, _TENSOR_LIST, _FLOAT, _INT, _BOOL = range(6)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+@contextlib.contextmanager
+def lean_path(enabled: bool) -> Iterator[None]:
+    """Scoped switch of the lean eager path (see the module docstring); for tests and benchmarks."""
+    prev = _LEAN[0]
+    _LEAN[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _LEAN[0] = prev
+
+
+def _arg_kinds(schema) -> tuple[int, ...] | None:
+    """Per-argument kinds of a schema, or None when the lean path cannot mirror it."""
+    kinds = []
+    for a in schema.arguments:
+        t = a.type
+        if a.kwarg_only or a.has_default_value() or a.alias_info is not None:
+            return None
+        if isinstance(t, torch.TensorType):
+            kinds.append(_TENSOR)
+        elif isinstance(t, torch.OptionalType) and isinstance(t.getElementType(), torch.TensorType):
+            kinds.append(_OPT_TENSOR)
+        elif isinstance(t, torch.ListType) and isinstance(t.getElementType(), torch.TensorType):
+            kinds.append(_TENSOR_LIST)
+        elif isinstance(t, torch.FloatType):
+            kinds.append(_FLOAT)
+        elif isinstance(t, torch.IntType):
+            kinds.append(_INT)
+        elif isinstance(t, torch.BoolType):
+            kinds.append(_BOOL)
+        else:
+            return None
+    return tuple(kinds)
+
+
+def _plain_tensor(t, devices) -> bool:
+    return type(t) in _PLAIN_TENSORS and not t.is_meta and (devices is None or t.device.type in devices)
+
+
+def _plain_args(args, kinds, devices) -> bool:
+    """True when ``args`` are exactly what the schema's kinds say (plain tensors, exact scalar types)."""
+    for a, k in zip(args, kinds):
+        if k == _TENSOR:
+            if not _plain_tensor(a, devices):
+                return False
+        elif k == _FLOAT:
+            if type(a) is not float:  # the custom op would convert an int (or reject other types)
+                return False
+        elif k == _OPT_TENSOR:
+            if a is not None and not _plain_tensor(a, devices):
+                return False
+        elif k == _TENSOR_LIST:
+            if type(a) is not list or not all(_plain_tensor(t, devices) for t in a):
+                return False
+        elif k == _INT:
+            if type(a) is not int:
+                return False
+        elif type(a) is not bool:
+            return False
+    return True
+
+
+# Bound once: these run on every eager call (Dynamo still recognizes is_compiling by identity).
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._len_torch_function_stack
+_profiling = torch._C._autograd._profiler_enabled
+_grad_enabled = torch.is_grad_enabled
+_any_requires_grad = torch._C._any_requires_grad
+
+
+def _intercepted() -> bool:
+    """True when something may see or transform op calls: then only the custom op is equivalent."""
+    return (_is_compiling() or _dispatch_modes() > 0 or _function_modes() > 0 or _functorch_stack() is not None
+            or _forward_ad._current_level >= 0 or _profiling())
+
+
+class KernelOp(CustomOpDef):
+    """A custom op whose eager calls skip the ``torch.library`` machinery when that is equivalent.
+
+    :func:`kernel_op` turns the ``CustomOpDef`` it defines into this class (same object, so the
+    dispatcher registration, ``opcheck`` and Dynamo see a regular custom op).
+    """
+
+    _lean_impl: Callable
+    _lean_kinds: tuple[int, ...] | None
+    _lean_devices: tuple[str, ...] | None
+    _lean_function: type | None  # autograd.Function of the lean path (None: no autograd, or list args)
+    _lean_tensors_only: bool  # every argument a Tensor, any device: the inline check suffices
+
+    def __call__(self, *args, **kwargs):
+        kinds = self._lean_kinds
+        if kwargs or not _LEAN[0] or kinds is None or len(args) != len(kinds) or _intercepted():
+            return self._opoverload(*args, **kwargs)
+        if self._lean_tensors_only:  # the common schema, checked inline
+            for a in args:
+                if type(a) not in _PLAIN_TENSORS or a.is_meta:
+                    return self._opoverload(*args)
+        elif not _plain_args(args, kinds, self._lean_devices):
+            return self._opoverload(*args)
+        if _grad_enabled() and _any_requires_grad(*args):
+            if self._lean_function is None:
+                return self._opoverload(*args)
+            return self._lean_function.apply(*args)
+        out = self._lean_impl(*args)
+        return tuple(out) if type(out) is list else out
+
+    def register_autograd(self, backward, /, *, setup_context=None):
+        super().register_autograd(backward, setup_context=setup_context)
+        self._lean_function = None
+        if self._lean_kinds is not None and _TENSOR_LIST not in self._lean_kinds:
+            self._lean_function = _lean_function(self._name, self._lean_impl, backward, setup_context)
+
+
+def _lean_function(name: str, impl: Callable, backward: Callable, setup_context: Callable | None) -> type:
+    """The autograd of the custom op as a plain ``autograd.Function``: same implementation, same
+    ``setup_context`` (so the same saved tensors and flags), same ``backward``."""
+
+    def forward(ctx, *args):
+        out = impl(*args)
+        if type(out) is list:
+            out = tuple(out)
+        if setup_context is not None:
+            setup_context(ctx, args, out)
+        return out
+
+    def lean_backward(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(f"Lean_{name.replace('::', '_')}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(lean_backward)})
 
 
 def kernel_op(name: str, schema: str, *, impl: Callable, fake: Callable, device_types=None):
@@ -36,12 +191,21 @@ def kernel_op(name: str, schema: str, *, impl: Callable, fake: Callable, device_
     Idempotent per process (a module imported twice returns the op defined first).
     ``device_types=None`` lets the implementation run on any device (it must check
     what it supports itself; the dispatch layer only routes supported calls here).
+    Returns a :class:`KernelOp` (eager calls take the lean path where equivalent).
     """
     if name in _DEFINED:
         return _DEFINED[name]
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=schema,
                                  device_types=device_types)
     op.register_fake(fake)
+    op.__class__ = KernelOp  # same object and state, eager __call__ and register_autograd extended
+    op._lean_impl = impl
+    op._lean_kinds = _arg_kinds(op._opoverload._schema)
+    op._lean_devices = None if device_types is None else (
+        (device_types,) if isinstance(device_types, str) else tuple(device_types))
+    op._lean_function = None
+    op._lean_tensors_only = op._lean_devices is None and op._lean_kinds is not None and all(
+        k == _TENSOR for k in op._lean_kinds)
     _DEFINED[name] = op
     return op
 
@@ -64,7 +228,9 @@ def with_backward(fwd, bwd, *, num_outputs: int = 1, saved_inputs: Sequence[int]
         ctx.num_inputs = len(inputs)
         # Metadata of the visible outputs, to make zeros only for a visible output that got no
         # gradient; saved statistics never need one (no materialized zeros for them: no launches).
-        ctx.visible = [(o.shape, o.dtype, o.device) for o in outs[:num_outputs]]
+        # With one visible output, a missing gradient means no gradient at all: nothing to keep.
+        if num_outputs > 1:
+            ctx.visible = [(o.shape, o.dtype, o.device) for o in outs[:num_outputs]]
         ctx.set_materialize_grads(False)
         extra = [o for o in outs[num_outputs:] if isinstance(o, torch.Tensor)]
         if extra:
@@ -74,8 +240,9 @@ def with_backward(fwd, bwd, *, num_outputs: int = 1, saved_inputs: Sequence[int]
         if all(g is None for g in grads[:num_outputs]):
             return (None,) * ctx.num_inputs
         dense = []
-        for g, (shape, dtype, device) in zip(grads[:num_outputs], ctx.visible):
+        for i, g in enumerate(grads[:num_outputs]):
             if g is None:
+                shape, dtype, device = ctx.visible[i]
                 g = torch.zeros(shape, dtype=dtype, device=device)
             elif not is_dense(g):  # e.g. an expanded view from ``sum()``: kernels need dense memory
                 g = g.contiguous()
@@ -92,7 +259,7 @@ def with_backward(fwd, bwd, *, num_outputs: int = 1, saved_inputs: Sequence[int]
 
 def is_dense(t: torch.Tensor) -> bool:
     """True when ``t`` is non-overlapping and dense (contiguous in some order of its dims)."""
-    if t.numel() <= 1:
+    if t.is_contiguous() or t.numel() <= 1:
         return True
     pairs = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
     expected = 1
@@ -109,5 +276,5 @@ def fake_like(*tensors: torch.Tensor):
     return outs if len(outs) > 1 else outs[0]
 
 
-__all__ = ["kernel_op", "with_backward", "fake_like", "is_dense", "NAMESPACE"]
+__all__ = ["kernel_op", "with_backward", "fake_like", "is_dense", "lean_path", "KernelOp", "NAMESPACE"]
 

@@ -49,8 +49,9 @@ def same_dtype(na: str, a: torch.Tensor, nb: str, b: torch.Tensor) -> None:
 
 
 def number(v, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    if type(v) is not float and type(v) is not int:  # the common cases first: no ABC check
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
     v = float(v)
     if not math.isfinite(v):
         raise ValueError(f"{name}: must be finite, got {v}")

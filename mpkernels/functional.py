@@ -13,7 +13,7 @@ from . import _validate as V
 from ._dispatch import dispatch
 
 __all__ = [
-    "normalize", "pixel_norm", "mp_silu", "mp_sum", "mp_cat", "mp_fourier", "mp_weight", "mp_conv2d",
+    "normalize", "pixel_norm", "mp_silu", "mp_sum", "mp_cat", "mp_cat_mp_silu", "mp_fourier", "mp_weight", "mp_conv2d",
     "mp_linear", "cosine_attention", "pixel_norm_mp_silu", "modulated_mp_silu", "mp_sum_clip", "resample",
     "force_normalize_", "ema_lerp_",
 ]
@@ -54,14 +54,28 @@ def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving concatenation along ``dim``; spec §1."""
+    d = _cat_args(a, b, dim)
+    return dispatch("mp_cat", a, b, d, V.interp_t(t))
+
+
+def _cat_args(a, b, dim) -> int:
     _pair(a, b)
     if a.ndim != b.ndim:
         raise ValueError(f"b: has {b.ndim} dims but a has {a.ndim}")
     d = V.dim(dim, a.ndim)
     if a.shape[:d] + a.shape[d + 1:] != b.shape[:d] + b.shape[d + 1:]:
         raise ValueError(f"b: shape {tuple(b.shape)} does not match a {tuple(a.shape)} outside dim {d}")
-    return dispatch("mp_cat", a, b, d, V.interp_t(t))
+    return d
 
+
+
+def mp_cat_mp_silu(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, mp_silu(x))`` with ``x = mp_cat(a, b, dim, t)`` in one pass (decoder Block input, spec §2).
+
+    Both results are differentiable; the backward takes both gradients in one pass (no separate
+    gradient sum for the two uses of ``x``)."""
+    d = _cat_args(a, b, dim)
+    return dispatch("mp_cat_mp_silu", a, b, d, V.interp_t(t))
 
 def mp_fourier(x: torch.Tensor, freqs: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     """``sqrt(2) * cos(outer(x, freqs) + phases)`` in fp32, returned in ``x.dtype``: ``[N] -> [N, C]``; spec §1."""

@@ -44,9 +44,24 @@ class MPConv(torch.nn.Module):
         self.forced_weight_norm = True
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, gain=1, *, qkv_heads=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gain=1, *, qkv_heads=None, weight=None) -> torch.Tensor:
         """``qkv_heads`` (convolutions only): output channels in head-contiguous q, k, v order, see
-        :func:`mpkernels.mp_conv2d`; the stored weight keeps its layout."""
+        :func:`mpkernels.mp_conv2d`; the stored weight keeps its layout.
+
+        ``weight``: the effective weight, already computed by the caller (steps 1-4, e.g. one
+        :func:`mpkernels.mp_weights` call for a whole network, with the gain and ``qkv_heads``
+        applied there): only step 5 runs, in ``x.dtype``.
+        """
+        if weight is not None:
+            if isinstance(gain, torch.Tensor) or gain != 1 or qkv_heads is not None:
+                raise ValueError("weight: an effective weight already includes gain and qkv_heads; pass neither")
+            if not isinstance(weight, torch.Tensor) or weight.shape != self.weight.shape:
+                raise ValueError(f"weight: expected an effective weight of shape {tuple(self.weight.shape)}, "
+                                 f"got {getattr(weight, 'shape', type(weight).__name__)}")
+            weight = weight.to(x.dtype)
+            if weight.ndim == 4:
+                return torch.nn.functional.conv2d(x, weight, padding=weight.shape[-1] // 2)
+            return torch.nn.functional.linear(x, weight)
         if self.training and self.forced_weight_norm:
             with torch.no_grad():
                 mkf.force_normalize_([self.weight])

@@ -65,6 +65,12 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
     return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=dim)
 
 
+
+def mp_cat_mp_silu(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5):
+    """``(x, mp_silu(x))`` with ``x = mp_cat(a, b, dim, t)`` (decoder Block input, spec §2)."""
+    x = mp_cat(a, b, dim, t)
+    return x, mp_silu(x)
+
 def mp_fourier(x: torch.Tensor, freqs: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     """Magnitude-preserving Fourier features ``sqrt(2) * cos(outer(x, freqs) + phases)`` (spec §1).
 
@@ -177,3 +183,18 @@ def ema_lerp_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], weig
             e.copy_(torch.lerp(e.to(sd), t.to(sd), weight.to(sd)))
         else:
             e.lerp_(t.to(e.dtype), weight)
+
+
+def mp_weights(weights: list[torch.Tensor], gains=None, eps: float = 1e-4, qkv_heads=None,
+               dtypes=None) -> list[torch.Tensor]:
+    """Effective weights of many MPConv layers: ``mp_weight(w_i, gain_i, eps, qkv_heads_i).to(dtype_i)``.
+
+    ``gains``, ``qkv_heads``, ``dtypes``: lists with one entry per weight (None: 1.0, None, float32).
+    A one-element tensor gain acts as a scalar.
+    """
+    n = len(weights)
+    gains = [1.0] * n if gains is None else gains
+    qkv_heads = [None] * n if qkv_heads is None else qkv_heads
+    dtypes = [torch.float32] * n if dtypes is None else dtypes
+    return [mp_weight(w, g.reshape(()) if isinstance(g, torch.Tensor) else g, eps, qkv_heads=h).to(d)
+            for w, g, h, d in zip(weights, gains, qkv_heads, dtypes)]

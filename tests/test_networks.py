@@ -199,3 +199,104 @@ def test_mpfourier_and_mpconv_modules():
     assert torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
     assert gain.grad is not None and gain.grad != 0
+
+
+def _per_layer_forward(net, x, sigma, labels):
+    """The network as every layer computes its own effective weight (standalone Block / MPConv calls,
+    separate emb_linear matmuls, mp_cat then mp_silu): what one mp_weights call must reproduce."""
+    unet, sd = net.unet, net.sigma_data
+    sigma = sigma.reshape(-1, 1, 1, 1)
+    c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+    c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+    c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+    c_noise = sigma.flatten().log() / 4
+    emb = unet.emb_noise(unet.emb_fourier(c_noise))
+    emb = mk.mp_sum(emb, unet.emb_label(labels * unet.label_dim ** 0.5), t=unet.label_balance)
+    emb = mk.mp_silu(emb)
+    h = c_in * x
+    h = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)
+    skips = []
+    for block in unet.enc.values():
+        h = block(h) if isinstance(block, mk.nn.MPConv) else block(h, emb)
+        skips.append(h)
+    for name, block in unet.dec.items():
+        if "block" in name:
+            h = mk.mp_cat(h, skips.pop(), t=unet.concat_balance)
+        h = block(h, emb)
+    D = c_skip * x + c_out * unet.out_conv(h, gain=unet.out_gain)
+    return D, net.logvar_linear(net.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_one_call_for_all_weights_matches_the_per_layer_network(train):
+    a = small_net(seed=11)
+    for p in a.parameters():
+        if p.ndim == 0:
+            p.data.fill_(0.4)  # nonzero gains: every layer matters
+    b = copy.deepcopy(a)
+    a.train(train), b.train(train)
+    x, sigma, labels = small_batch()
+    Da, lva = a(x, sigma, labels, return_logvar=True)
+    Db, lvb = _per_layer_forward(b, x, sigma, labels)
+    torch.testing.assert_close(Da, Db, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lva, lvb, rtol=1e-5, atol=1e-6)
+    (Da.square().mean() + lva.mean()).backward()
+    (Db.square().mean() + lvb.mean()).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)  # forced weight norm: same update
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_block_and_mpconv_take_precomputed_weights():
+    torch.manual_seed(0)
+    block = networks.Block(8, 16, 12, flavor="dec", attention=True, channels_per_head=8).eval()
+    block.emb_gain.data.fill_(0.5)
+    x, emb = torch.randn(2, 8, 4, 4), torch.randn(2, 12)
+    layers = [(n, conv, gain, heads, torch.float32) for n, conv, gain, heads, _ in block.mp_layers()]
+    weights = networks.effective_weights(block, layers)
+    assert sorted(weights) == ["attn_proj", "attn_qkv", "conv_res0", "conv_res1", "conv_skip", "emb_linear"]
+    torch.testing.assert_close(block(x, emb, weights=weights), block(x, emb), rtol=1e-5, atol=1e-6)
+    conv = block.conv_res0
+    with pytest.raises(ValueError, match="^weight: expected an effective weight of shape"):
+        conv(x, weight=weights["conv_res1"])
+    with pytest.raises(ValueError, match="^weight: an effective weight already includes"):
+        conv(torch.randn(2, 8, 4, 4), gain=2, weight=weights["conv_res0"])
+    with pytest.raises(ValueError, match="^x_silu"):
+        networks.Block(8, 8, 12, flavor="enc")(x, emb, x_silu=x)
+
+
+def test_eval_weights_are_cached_until_a_parameter_changes(monkeypatch):
+    net = small_net(seed=12).eval()
+    for p in net.parameters():
+        if p.ndim == 0:
+            p.data.fill_(0.5)
+    x, sigma, labels = small_batch()
+    calls = []
+    real = mk.mp_weights
+    monkeypatch.setattr(mk, "mp_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        y1 = net(x, sigma, labels)
+        y2 = net(x, sigma, labels)
+    assert len(calls) == 1 and torch.equal(y1, y2)
+    fresh = copy.deepcopy(net)  # the copy's parameters are new tensors: it never reuses net's cache
+    with torch.no_grad():
+        net.unet.out_gain.fill_(0.9)  # an in-place change bumps the version: recomputed
+        y3 = net(x, sigma, labels)
+        fresh.unet.out_gain.fill_(0.9)
+        networks.clear_weight_cache(fresh)
+        assert len(calls) == 2
+        torch.testing.assert_close(y3, fresh(x, sigma, labels), rtol=0, atol=0)
+        assert len(calls) == 3
+        w = net.unet.enc["16x16_block0"].conv_res1.weight
+        w.add_(torch.randn_like(w))
+        y4 = net(x, sigma, labels)
+        assert len(calls) == 4 and not torch.equal(y3, y4)
+        net.load_state_dict(fresh.state_dict())  # copy_ into every parameter
+        torch.testing.assert_close(net(x, sigma, labels), y3, rtol=0, atol=0)
+        assert len(calls) == 5
+    net(x, sigma, labels)  # with autograd: never from the cache
+    net.train()
+    with torch.no_grad():
+        net(x, sigma, labels)
+        net(x, sigma, labels)
+    assert len(calls) == 8

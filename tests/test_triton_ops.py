@@ -445,3 +445,26 @@ def test_every_op_is_registered():
     from mpkernels.functional import __all__ as ops
     missing = [op for op in ops if ("triton" not in [b for (o, b) in _dispatch._IMPLS if o == op])]
     assert not missing
+
+
+# --- mp_cat_mp_silu (decoder Block input: cat and MP-SiLU fused) ---------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,kind", CASES, ids=CASE_IDS)
+def test_mp_cat_mp_silu(shape, kind, dtype):
+    n, c, h, w = shape
+    check_op(lambda a, b: mk.mp_cat_mp_silu(a, b, dim=1, t=0.3),
+             lambda d: [rand(shape, d, kind, 2.0), rand((n, c + 2, h, w), d, kind, 2.0)], dtype)
+
+
+@pytest.mark.parametrize("dim", [0, 2, -1])
+def test_mp_cat_mp_silu_other_dims(dim):
+    check_op(lambda a, b: mk.mp_cat_mp_silu(a, b, dim=dim, t=0.6),
+             lambda d: [rand((2, 3, 4, 5), d, "cl"), rand((2, 3, 4, 5), d)], torch.float32)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_mp_cat_mp_silu_one_output_used(which):
+    """Only ``x`` or only ``y`` reaches the loss: the other gradient is absent (kernel flag), not zeros."""
+    check_op(lambda a, b: mk.mp_cat_mp_silu(a, b, dim=1, t=0.5)[which],
+             lambda d: [rand((2, 3, 4, 4), d, "cl"), rand((2, 5, 4, 4), d, "cl")], torch.bfloat16)

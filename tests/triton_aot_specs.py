@@ -15,6 +15,9 @@ only other heavy work, are replaced by shape-only stand-ins. Pointer alignment o
 it is on the GPU: both allocators align blocks to at least 64 bytes, so only views (a slice of
 qkv, a half of a concatenation) are unaligned, at the same byte offsets.
 
+The multi-tensor ``mp_weights`` kernels are recorded from one call over all of a network's
+MPConv weights (their learned-gain and qkv ones included), forward and backward.
+
 Networks: EDM2-S at 64x64 latents (9 and 12 heads), XS (6 and 8 heads) and XXL (21 and 28
 heads), batch 32 and 1, plus a small network reaching 1x1 resolution with attention there.
 Run with ``TRITON_INTERPRET=1`` (the backend must accept CPU tensors); prints JSON.
@@ -133,8 +136,10 @@ def record(networks=NETWORKS, batches=BATCHES, dtypes=DTYPES) -> list[dict]:
             seen[key]["networks"].append(current["network"])
 
     calls = {}  # recorded on the meta device first, with the real F.conv2d
+    weight_args = {}
     for net_name, (preset, overrides) in networks.items():
         kw = presets.network_kwargs(preset, **overrides) if preset else overrides
+        weight_args[net_name] = _mp_weights_args(kw)
         for batch in batches:
             calls[net_name, batch] = C.network_specs(kw, batch)
     real_launch = _common.launch
@@ -148,6 +153,10 @@ def record(networks=NETWORKS, batches=BATCHES, dtypes=DTYPES) -> list[dict]:
                             current.update(network=net_name, batch=batch, dtype=dtype_name, op=spec.op,
                                            channels_last=cl)
                             _run(spec, getattr(torch, dtype_name), cl)
+                    if batch == batches[0]:  # the weights do not depend on the batch
+                        current.update(network=net_name, batch=batch, dtype=dtype_name, op="mp_weights",
+                                       channels_last=False)
+                        _run_mp_weights(weight_args[net_name], getattr(torch, dtype_name))
     finally:
         _common.launch = real_launch
     return list(seen.values())
@@ -171,6 +180,36 @@ def _run(spec, dtype, channels_last) -> None:
             if isinstance(o, torch.Tensor) and o.requires_grad]
     if outs:
         torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
+
+
+def _mp_weights_args(net_kwargs: dict):
+    """(weight shapes, tensor-gain flags, qkv heads) of every MPConv weight of the network."""
+    import torch
+
+    from edm2fast.networks import Precond
+    with torch.device("meta"):
+        net = Precond(**{**net_kwargs, "dtype": "fp16"})
+    shapes, tensor_gain, heads = [], [], []
+    for name, p in net.named_parameters():
+        if p.ndim < 2:
+            continue
+        shapes.append(tuple(p.shape))
+        tensor_gain.append(name.endswith("emb_linear.weight"))  # scaled by the learned emb_gain
+        heads.append(net.get_submodule(name.rsplit(".", 2)[0]).num_heads if name.endswith("attn_qkv.weight") else None)
+    return shapes, tensor_gain, heads
+
+
+def _run_mp_weights(args, dtype) -> None:
+    """Every effective weight of the network in one ``mk.mp_weights`` call (the multi-tensor
+    kernels), forward and backward, output dtype ``dtype``."""
+    import torch
+
+    import mpkernels as mk
+    shapes, tensor_gain, heads = args
+    ws = [torch.empty(s, dtype=torch.float32).requires_grad_(True) for s in shapes]
+    gains = [torch.empty((), dtype=torch.float32).requires_grad_(True) if t else 1.0 for t in tensor_gain]
+    outs = mk.mp_weights(ws, gains, qkv_heads=heads, dtypes=dtype)
+    torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
 
 
 def main() -> int:

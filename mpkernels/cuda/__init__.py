@@ -105,7 +105,7 @@ def _ok(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         if t.dtype not in _DTYPES or t.numel() > _MAX_NUMEL:
             return False
-        if t.device.type == "cuda" and not (_EXT is not None and _EXT.with_cuda):
+        if t.is_cuda and not (_EXT is not None and _EXT.with_cuda):
             return False
     return True
 
@@ -192,3 +192,7 @@ register("ema_lerp_", "cuda", ema_lerp_, devices=_DEVICES,
          supports=lambda ema_tensors, tensors, weight: _ok(*ema_tensors, *tensors))
 
 _load_existing()
+
+from . import _cat_silu  # noqa: E402,F401  (mp_cat_mp_silu from the extension's mp_cat + mp_silu)
+from . import _attention  # noqa: E402,F401  (cosine_attention and mp_cat on the extension)
+from . import _multi_weight  # noqa: E402,F401  (mp_weights: all effective weights in one launch per dtype)

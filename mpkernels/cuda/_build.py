@@ -52,9 +52,11 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(PACKAGE_DIR))
 CSRC = os.path.join(ROOT, "csrc")
 
-CPP_SOURCES = ("bindings.cpp", "mp_cpu.cpp")
-CUDA_SOURCES = ("elementwise.cu", "norms.cu", "weights.cu")
-HEADERS = ("mp_kernels.h", "mp_math.h", "mp_cpu_impl.h", "cuda_common.cuh", "launch_shapes.h")
+CPP_SOURCES = ("bindings.cpp", "mp_cpu.cpp", "attention_cat_bindings.cpp", "attention_cpu.cpp", "cat_cpu.cpp",
+               "multi_weight_bindings.cpp", "multi_weight_cpu.cpp")
+CUDA_SOURCES = ("elementwise.cu", "norms.cu", "weights.cu", "attention.cu", "cat.cu", "multi_weight.cu")
+HEADERS = ("mp_kernels.h", "mp_math.h", "mp_cpu_impl.h", "cuda_common.cuh", "launch_shapes.h", "attention_cat.h",
+           "multi_weight.h")
 
 # (compute capability, PTX too): sm_80 (A100), sm_86 (RTX 30xx, A40), sm_89 (L40, RTX 40xx),
 # sm_90 (H100/H200) and compute_90 PTX for anything newer.

@@ -21,15 +21,9 @@ import torch
 from .. import _library
 
 _OPS: types.SimpleNamespace | None = None
-_EXT = None  # the extension module the ops call (set by define)
-
-
-class _Ext:
-    """Forwards attribute lookups to the current extension module (ops are defined once per
-    process, the module they call may be replaced by a later build)."""
-
-    def __getattr__(self, name):
-        return getattr(_EXT, name)
+# The extension module the ops call (set by define). The ops are defined once per process and
+# read this global at each call, so a later build replaces the module they call.
+_EXT = None
 
 
 def _stats_like(x: torch.Tensor) -> torch.Tensor:
@@ -53,26 +47,25 @@ def define(module) -> types.SimpleNamespace:
     _EXT = module
     if _OPS is not None:
         return _OPS
-    ext = _Ext()
     kernel_op, with_backward = _library.kernel_op, _library.with_backward
     ops = types.SimpleNamespace()
 
     # mp_silu (spec §1)
     ops.mp_silu = kernel_op("cuda_mp_silu", "(Tensor x) -> Tensor",
-                            impl=lambda x: ext.mp_silu_fwd(x), fake=lambda x: torch.empty_like(x))
+                            impl=lambda x: _EXT.mp_silu_fwd(x), fake=lambda x: torch.empty_like(x))
     ops.mp_silu_backward = kernel_op("cuda_mp_silu_backward", "(Tensor grad, Tensor x) -> Tensor",
-                                     impl=lambda g, x: ext.mp_silu_bwd(g, x),
+                                     impl=lambda g, x: _EXT.mp_silu_bwd(g, x),
                                      fake=lambda g, x: torch.empty_like(x))
     with_backward(ops.mp_silu, ops.mp_silu_backward, saved_inputs=(0,))
 
     # pixel norm (spec §1): (xn, rms)
     ops.pixel_norm = kernel_op(
         "cuda_pixel_norm", "(Tensor x, float eps) -> (Tensor, Tensor)",
-        impl=lambda x, eps: tuple(ext.pixel_norm_fwd(x, eps, False)),
+        impl=lambda x, eps: tuple(_EXT.pixel_norm_fwd(x, eps, False)),
         fake=lambda x, eps: (torch.empty_like(x), _stats_like(x)))
     ops.pixel_norm_backward = kernel_op(
         "cuda_pixel_norm_backward", "(Tensor grad, Tensor x, Tensor rms, float eps) -> Tensor",
-        impl=lambda g, x, rms, eps: ext.pixel_norm_bwd(g, None, x, rms, eps),
+        impl=lambda g, x, rms, eps: _EXT.pixel_norm_bwd(g, None, x, rms, eps),
         fake=lambda g, x, rms, eps: torch.empty_like(x))
     with_backward(ops.pixel_norm, ops.pixel_norm_backward, num_outputs=1, saved_inputs=(0,), saved_outputs=(1,),
                   nontensor_args=(1,))
@@ -80,12 +73,12 @@ def define(module) -> types.SimpleNamespace:
     # pixel norm + mp_silu (encoder Block, spec §2): (xn, y, rms)
     ops.pixel_norm_mp_silu = kernel_op(
         "cuda_pixel_norm_mp_silu", "(Tensor x, float eps) -> (Tensor, Tensor, Tensor)",
-        impl=lambda x, eps: tuple(ext.pixel_norm_fwd(x, eps, True)),
+        impl=lambda x, eps: tuple(_EXT.pixel_norm_fwd(x, eps, True)),
         fake=lambda x, eps: (torch.empty_like(x), torch.empty_like(x), _stats_like(x)))
     ops.pixel_norm_mp_silu_backward = kernel_op(
         "cuda_pixel_norm_mp_silu_backward",
         "(Tensor grad_xn, Tensor grad_y, Tensor x, Tensor rms, float eps) -> Tensor",
-        impl=lambda g1, g2, x, rms, eps: ext.pixel_norm_bwd(g1, g2, x, rms, eps),
+        impl=lambda g1, g2, x, rms, eps: _EXT.pixel_norm_bwd(g1, g2, x, rms, eps),
         fake=lambda g1, g2, x, rms, eps: torch.empty_like(x))
     with_backward(ops.pixel_norm_mp_silu, ops.pixel_norm_mp_silu_backward, num_outputs=2, saved_inputs=(0,),
                   saved_outputs=(2,), nontensor_args=(1,))
@@ -93,21 +86,21 @@ def define(module) -> types.SimpleNamespace:
     # modulated mp_silu (Block, spec §2 step 3)
     ops.modulated_mp_silu = kernel_op(
         "cuda_modulated_mp_silu", "(Tensor y, Tensor c) -> Tensor",
-        impl=lambda y, c: ext.modulated_mp_silu_fwd(y, c), fake=lambda y, c: torch.empty_like(y))
+        impl=lambda y, c: _EXT.modulated_mp_silu_fwd(y, c), fake=lambda y, c: torch.empty_like(y))
     ops.modulated_mp_silu_backward = kernel_op(
         "cuda_modulated_mp_silu_backward", "(Tensor grad, Tensor y, Tensor c) -> (Tensor, Tensor)",
-        impl=lambda g, y, c: tuple(ext.modulated_mp_silu_bwd(g, y, c)),
+        impl=lambda g, y, c: tuple(_EXT.modulated_mp_silu_bwd(g, y, c)),
         fake=lambda g, y, c: (torch.empty_like(y), torch.empty_like(c)))
     with_backward(ops.modulated_mp_silu, ops.modulated_mp_silu_backward, saved_inputs=(0, 1), grads_for=(0, 1))
 
     # mp_sum + clip (Block residual, spec §2 steps 5-7); clip = inf gives plain mp_sum
     ops.mp_sum_clip = kernel_op(
         "cuda_mp_sum_clip", "(Tensor a, Tensor b, float t, float clip) -> Tensor",
-        impl=lambda a, b, t, clip: ext.mp_sum_clip_fwd(a, b, t, clip),
+        impl=lambda a, b, t, clip: _EXT.mp_sum_clip_fwd(a, b, t, clip),
         fake=lambda a, b, t, clip: torch.empty_like(a))
     ops.mp_sum_clip_backward = kernel_op(
         "cuda_mp_sum_clip_backward", "(Tensor grad, Tensor a, Tensor b, float t, float clip) -> (Tensor, Tensor)",
-        impl=lambda g, a, b, t, clip: tuple(ext.mp_sum_clip_bwd(g, a, b, t, clip)),
+        impl=lambda g, a, b, t, clip: tuple(_EXT.mp_sum_clip_bwd(g, a, b, t, clip)),
         fake=lambda g, a, b, t, clip: (torch.empty_like(a), torch.empty_like(b)))
     with_backward(ops.mp_sum_clip, ops.mp_sum_clip_backward, saved_inputs=(0, 1), nontensor_args=(2, 3),
                   grads_for=(0, 1))
@@ -118,36 +111,36 @@ def define(module) -> types.SimpleNamespace:
 
     ops.mp_weight = kernel_op(
         "cuda_mp_weight", "(Tensor w, float gain, float eps) -> (Tensor, Tensor)",
-        impl=lambda w, gain, eps: tuple(ext.mp_weight_fwd(w, None, gain, eps)), fake=w_fake)
+        impl=lambda w, gain, eps: tuple(_EXT.mp_weight_fwd(w, None, gain, eps)), fake=w_fake)
     ops.mp_weight_backward = kernel_op(
         "cuda_mp_weight_backward", "(Tensor grad, Tensor w, Tensor rms, float gain, float eps) -> Tensor",
-        impl=lambda g, w, rms, gain, eps: ext.mp_weight_bwd(g, w, None, rms, gain, eps)[0],
+        impl=lambda g, w, rms, gain, eps: _EXT.mp_weight_bwd(g, w, None, rms, gain, eps)[0],
         fake=lambda g, w, rms, gain, eps: torch.empty_like(w))
     with_backward(ops.mp_weight, ops.mp_weight_backward, num_outputs=1, saved_inputs=(0,), saved_outputs=(1,),
                   nontensor_args=(1, 2))
     ops.mp_weight_t = kernel_op(
         "cuda_mp_weight_tensor_gain", "(Tensor w, Tensor gain, float eps) -> (Tensor, Tensor)",
-        impl=lambda w, gain, eps: tuple(ext.mp_weight_fwd(w, gain, 1.0, eps)), fake=w_fake)
+        impl=lambda w, gain, eps: tuple(_EXT.mp_weight_fwd(w, gain, 1.0, eps)), fake=w_fake)
     ops.mp_weight_t_backward = kernel_op(
         "cuda_mp_weight_tensor_gain_backward",
         "(Tensor grad, Tensor w, Tensor gain, Tensor rms, float eps) -> (Tensor, Tensor)",
-        impl=lambda g, w, gain, rms, eps: tuple(ext.mp_weight_bwd(g, w, gain, rms, 1.0, eps)),
+        impl=lambda g, w, gain, rms, eps: tuple(_EXT.mp_weight_bwd(g, w, gain, rms, 1.0, eps)),
         fake=lambda g, w, gain, rms, eps: (torch.empty_like(w), torch.empty_like(gain)))
     with_backward(ops.mp_weight_t, ops.mp_weight_t_backward, num_outputs=1, saved_inputs=(0, 1),
                   saved_outputs=(1,), nontensor_args=(2,), grads_for=(0, 1))
 
     # multi-tensor, in place (MPConv step 2 / paper Eq. 66, and spec §7)
     def force_normalize_impl(tensors, eps):
-        ext.force_normalize_(tensors, eps)
+        _EXT.force_normalize_(tensors, eps)
 
     def ema_lerp_impl(ema_tensors, tensors, weight):
-        ext.ema_lerp_(ema_tensors, tensors, weight)
+        _EXT.ema_lerp_(ema_tensors, tensors, weight)
 
     def ema_lerp_tensor_weight_impl(ema_tensors, tensors, weight):
         # The extension takes a 0-d fp32 weight tensor: on the CPU it reads it on the host, on a GPU
         # the kernel reads it (no synchronization; a graph replay sees its current value). The cast
         # of an fp16/bf16/fp64 weight is a device op, as capture-safe as the launch itself.
-        ext.ema_lerp_(ema_tensors, tensors, 0.0, weight.to(torch.float32))
+        _EXT.ema_lerp_(ema_tensors, tensors, 0.0, weight.to(torch.float32))
 
     ops.force_normalize_ = _custom_inplace("cuda_force_normalize_", "(Tensor(a!)[] tensors, float eps) -> ()",
                                            ("tensors",), force_normalize_impl)

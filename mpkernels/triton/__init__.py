@@ -22,6 +22,7 @@ if INTERPRET:
 
 from . import (cosine_attention, modulated_mp_silu, mp_cat, mp_fourier, mp_silu, mp_sum, mp_weight,  # noqa: E402
                multi_tensor, normalize, resample)
+from . import multi_weight  # noqa: E402
 
 
 def _is_available() -> bool:
@@ -51,8 +52,11 @@ _OPS = {
     "cosine_attention": (cosine_attention.cosine_attention, cosine_attention.supports),
     "force_normalize_": (multi_tensor.force_normalize_, multi_tensor.supports_force_normalize),
     "ema_lerp_": (multi_tensor.ema_lerp_, multi_tensor.supports_ema_lerp),
+    "mp_weights": (multi_weight.mp_weights, multi_weight.supports),
 }
 for _op, (_fn, _supports) in _OPS.items():
     register(_op, "triton", _fn, devices=_DEVICES, supports=_supports)
 
 __all__ = ["all_configs", "INTERPRET", "_common"]
+
+from . import mp_cat_silu  # noqa: E402,F401  (registers 'mp_cat_mp_silu'; needs the backend declared above)

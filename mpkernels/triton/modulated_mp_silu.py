@@ -3,7 +3,7 @@
 ``y`` is seen as a contiguous ``[N, P, Q]`` tensor: NCHW gives ``P = C`` channels of ``Q = H*W``
 contiguous pixels; channels_last gives ``P = H*W`` pixels of ``Q = C`` contiguous channels (flag
 ``C_ON_COLS``). Tiles are ``[BLOCK_P, BLOCK_Q]`` along those axes, so both layouts read whole
-contiguous runs. ``c`` (a tiny ``[N, C]`` tensor) is widened to fp32 and used unrounded, and
+contiguous runs. ``c`` (a tiny ``[N, C]`` tensor, rows at any stride) is widened to fp32 and used unrounded, and
 ``dc`` is reduced and returned in fp32; autograd of the widening casts it to ``c``'s dtype.
 
 Backward (``z = y*c``, ``dz = g * silu'(z) / 0.596``): ``dy = dz * c`` and ``dc = sum_{H,W} dz * y``.
@@ -24,7 +24,7 @@ from . import _common as C
 
 
 @triton.jit
-def _modsilu_fwd_kernel(y_ptr, c_ptr, out_ptr, P, Q, n_pblocks, n_qblocks,
+def _modsilu_fwd_kernel(y_ptr, c_ptr, c_stride, out_ptr, P, Q, n_pblocks, n_qblocks,
                         C_ON_COLS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     pid = tl.program_id(0)
     per_n = n_pblocks * n_qblocks
@@ -39,17 +39,17 @@ def _modsilu_fwd_kernel(y_ptr, c_ptr, out_ptr, P, Q, n_pblocks, n_qblocks,
     off = tl.arange(0, BLOCK_P)[:, None] * Q + tl.arange(0, BLOCK_Q)[None, :]
     y = tl.load(y_ptr + base + off, mask=m, other=0.0).to(tl.float32)
     if C_ON_COLS:
-        cv = tl.load(c_ptr + n * Q + q, mask=q < Q, other=0.0).to(tl.float32)
+        cv = tl.load(c_ptr + n * c_stride + q, mask=q < Q, other=0.0).to(tl.float32)
         z = y * cv[None, :]
     else:
-        cv = tl.load(c_ptr + n * P + p, mask=p < P, other=0.0).to(tl.float32)
+        cv = tl.load(c_ptr + n * c_stride + p, mask=p < P, other=0.0).to(tl.float32)
         z = y * cv[:, None]
     out = z / (1.0 + tl.exp(-z)) * (1.0 / 0.596)
     tl.store(out_ptr + base + off, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _modsilu_bwd_kernel(g_ptr, y_ptr, c_ptr, dy_ptr, dc_ptr, N, P, Q, n_blocks, n_splits, split_len,
+def _modsilu_bwd_kernel(g_ptr, y_ptr, c_ptr, c_stride, dy_ptr, dc_ptr, N, P, Q, n_blocks, n_splits, split_len,
                         C_ON_COLS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Program (n, block of channels, split of pixels); fp32 dc partials at dc_ptr[split, n, channel]."""
     pid = tl.program_id(0)
@@ -67,7 +67,7 @@ def _modsilu_bwd_kernel(g_ptr, y_ptr, c_ptr, dy_ptr, dc_ptr, N, P, Q, n_blocks, 
     tile = rp[:, None] * Q + rq[None, :]
     if C_ON_COLS:  # channels along q, pixels along p (channels_last)
         q = b * BLOCK_Q + rq
-        cv = tl.load(c_ptr + n * Q + q, mask=q < Q, other=0.0).to(tl.float32)
+        cv = tl.load(c_ptr + n * c_stride + q, mask=q < Q, other=0.0).to(tl.float32)
         hi = tl.minimum(lo + split_len, P)
         base += b * BLOCK_Q
         for p0 in range(lo, hi, BLOCK_P):
@@ -86,7 +86,7 @@ def _modsilu_bwd_kernel(g_ptr, y_ptr, c_ptr, dy_ptr, dc_ptr, N, P, Q, n_blocks, 
         n_ch = Q
     else:  # channels along p, pixels along q (NCHW)
         p = b * BLOCK_P + rp
-        cv = tl.load(c_ptr + n * P + p, mask=p < P, other=0.0).to(tl.float32)
+        cv = tl.load(c_ptr + n * c_stride + p, mask=p < P, other=0.0).to(tl.float32)
         hi = tl.minimum(lo + split_len, Q)
         base += (b * BLOCK_P).to(tl.int64) * Q
         for q0 in range(lo, hi, BLOCK_Q):
@@ -176,7 +176,7 @@ def modsilu_forward(y, c):
     bp, bq = _tile(Q, c_on_cols)
     out = C.empty_like_dense(y)
     npb, nqb = C.cdiv(P, bp), C.cdiv(Q, bq)
-    C.launch(_fwd_config(y.dtype, c_on_cols, bq), (N * npb * nqb,), y, c, out, P, Q, npb, nqb)
+    C.launch(_fwd_config(y.dtype, c_on_cols, bq), (N * npb * nqb,), y, c, c.stride(0), out, P, Q, npb, nqb)
     return out
 
 
@@ -194,7 +194,7 @@ def modsilu_backward(g, y, c):
     dc = torch.empty((N, n_ch), dtype=torch.float32, device=y.device)
     # One split: the kernel's partial sums are dc itself; several: a second launch adds them up.
     part = dc if splits == 1 else torch.empty((splits, N, n_ch), dtype=torch.float32, device=y.device)
-    C.launch(_bwd_config(y.dtype, c_on_cols, bq), (N * n_blocks * splits,), g, y, c, dy, part, N, P, Q,
+    C.launch(_bwd_config(y.dtype, c_on_cols, bq), (N * n_blocks * splits,), g, y, c, c.stride(0), dy, part, N, P, Q,
              n_blocks, splits, split_len)
     if splits > 1:
         C.launch(_sum_config(), (C.cdiv(N * n_ch, SUM_BLOCK),), part, dc, N * n_ch, splits)
@@ -212,7 +212,7 @@ def modulated_mp_silu(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
         y = y.contiguous()
     c = c.float()
-    if not c.is_contiguous():
+    if c.stride(1) != 1 and c.shape[1] != 1:  # rows may be strided (a Block's columns of all the c's)
         c = c.contiguous()
     return _fwd_op(y, c)
 

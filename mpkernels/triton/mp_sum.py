@@ -142,9 +142,12 @@ def _clip_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.t = inputs[2]
     ctx.layout = (tuple(inputs[0].shape), tuple(inputs[0].stride()))
+    ctx.set_materialize_grads(False)  # the mask never gets a gradient: no zeros launch for it
 
 
 def _clip_backward(ctx, g, _g_mask):
+    if g is None:
+        return None, None, None, None
     (mask,) = ctx.saved_tensors
     shape, stride = ctx.layout
     # The mask's bits follow a's storage order: bring g into that order first (no copy when it already is).

@@ -3,6 +3,11 @@
 Every magnitude-preserving layer is an ``mk.*`` call, so choosing an mpkernels
 backend swaps every layer at once. Module and parameter names follow the spec,
 so state dicts map key-for-key onto the authors' released checkpoints.
+
+A whole forward computes the effective weight of every MPConv (spec §1 MPConv steps
+1-4) with one :func:`mpkernels.mp_weights` call (one launch per dtype group on a fused
+backend, and one for all their gradients) and hands them down; the 36 ``emb_linear``
+layers run as one matmul. Block and MPConv still work standalone, computing their own.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import torch
 import mpkernels as mk
 from mpkernels.nn import MPConv, MPFourier
 
-__all__ = ["Block", "UNet", "Precond", "set_forced_weight_norm", "forced_norm_weights"]
+__all__ = ["Block", "UNet", "Precond", "set_forced_weight_norm", "forced_norm_weights", "effective_weights",
+           "clear_weight_cache"]
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -48,34 +54,63 @@ class Block(torch.nn.Module):
         self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
 
+    def mp_layers(self):
+        """``(name, MPConv, gain, qkv_heads, on_emb)`` of every MPConv, for :func:`effective_weights`."""
+        layers = [("conv_res0", self.conv_res0, 1, None, False), ("emb_linear", self.emb_linear, self.emb_gain, None, True),
+                  ("conv_res1", self.conv_res1, 1, None, False)]
+        if self.conv_skip is not None:
+            layers.append(("conv_skip", self.conv_skip, 1, None, False))
+        if self.num_heads:
+            # The qkv weight's rows come out head-contiguous (the parameter keeps the release's
+            # interleaved order): the same attention, read as contiguous q, k, v tiles.
+            layers += [("attn_qkv", self.attn_qkv, 1, self.num_heads, False),
+                       ("attn_proj", self.attn_proj, 1, None, False)]
+        return layers
+
     def _residual_sum(self, x, y, t):
         if self.clip_act is None:
             return mk.mp_sum(x, y, t)
         return mk.mp_sum_clip(x, y, t, self.clip_act)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None, *, weights: dict | None = None,
+                c: torch.Tensor | None = None, x_silu: torch.Tensor | None = None) -> torch.Tensor:
+        """``weights``: effective weights by local name (``'conv_res0'``, ...; see :meth:`mp_layers`),
+        as :func:`effective_weights` makes them; None: each MPConv computes its own. ``c``: the
+        modulation ``emb_linear(emb, gain=emb_gain) + 1`` ([N, out_channels], any strides), computed
+        by the caller for all blocks at once; ``emb`` is then unused. ``x_silu`` (decoder blocks
+        without resampling): ``mp_silu(x)``, computed by the caller together with ``x``
+        (:func:`mpkernels.mp_cat_mp_silu`)."""
+        w = weights if weights is not None else {}
+        if x_silu is not None and (self.flavor != "dec" or self.resample_mode != "keep"):
+            raise ValueError("x_silu: only for decoder blocks that keep the resolution")
         x = mk.resample(x, self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
-                x = self.conv_skip(x)
+                x = self.conv_skip(x, weight=w.get("conv_skip"))
             x, y = mk.pixel_norm_mp_silu(x)  # pixel norm, then MP-SiLU for the residual branch, fused
         else:
-            y = mk.mp_silu(x)
-        y = self.conv_res0(y)
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+            y = x_silu if x_silu is not None else mk.mp_silu(x)
+        y = self.conv_res0(y, weight=w.get("conv_res0"))
+        if c is None:
+            if "emb_linear" in w:
+                c = self.emb_linear(emb, weight=w["emb_linear"]) + 1
+            else:
+                c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mk.modulated_mp_silu(y, c)
         if self.training and self.dropout != 0:
             y = torch.nn.functional.dropout(y, p=self.dropout)
-        y = self.conv_res1(y)
+        y = self.conv_res1(y, weight=w.get("conv_res1"))
         if self.flavor == "dec" and self.conv_skip is not None:
-            x = self.conv_skip(x)
+            x = self.conv_skip(x, weight=w.get("conv_skip"))
         if self.num_heads == 0:
             return self._residual_sum(x, y, self.res_balance)  # clip only after the last sum (spec §2 step 7)
         x = mk.mp_sum(x, y, self.res_balance)
-        # The qkv weight's rows come out head-contiguous (the parameter keeps the release's
-        # interleaved order): the same attention, read as contiguous q, k, v tiles.
-        qkv = self.attn_qkv(x, qkv_heads=self.num_heads)
-        y = self.attn_proj(mk.cosine_attention(qkv, self.num_heads, layout="head_contiguous"))
+        if "attn_qkv" in w:
+            qkv = self.attn_qkv(x, weight=w["attn_qkv"])  # rows already head-contiguous (mp_layers)
+        else:
+            qkv = self.attn_qkv(x, qkv_heads=self.num_heads)
+        y = self.attn_proj(mk.cosine_attention(qkv, self.num_heads, layout="head_contiguous"),
+                           weight=w.get("attn_proj"))
         return self._residual_sum(x, y, self.attn_balance)
 
 
@@ -130,25 +165,114 @@ class UNet(torch.nn.Module):
                                                            attention=res in attn_resolutions, **block_kwargs)
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None):
-        emb = self.emb_noise(self.emb_fourier(noise_labels))
+    def mp_layers(self, x_dtype: torch.dtype, emb_dtype: torch.dtype, label_dtype: torch.dtype | None = None):
+        """``(name, MPConv, gain, qkv_heads, dtype)`` of every MPConv, named like ``named_modules()``:
+        convolutions in the compute dtype ``x_dtype``, the embedding layers in ``emb_dtype``
+        (the noise labels' dtype) and ``label_dtype``."""
+        layers = [("emb_noise", self.emb_noise, 1, None, emb_dtype)]
         if self.emb_label is not None:
-            if class_labels is None:
-                raise ValueError(f"class_labels: required, this UNet has label_dim={self.label_dim}")
-            emb = mk.mp_sum(emb, self.emb_label(class_labels * math.sqrt(self.label_dim)).to(emb.dtype),
+            layers.append(("emb_label", self.emb_label, math.sqrt(self.label_dim), None, label_dtype or emb_dtype))
+        for part, blocks in (("enc", self.enc), ("dec", self.dec)):
+            for name, block in blocks.items():
+                if isinstance(block, MPConv):
+                    layers.append((f"{part}.{name}", block, 1, None, x_dtype))
+                    continue
+                for local, conv, gain, heads, on_emb in block.mp_layers():
+                    layers.append((f"{part}.{name}.{local}", conv, gain, heads, emb_dtype if on_emb else x_dtype))
+        layers.append(("out_conv", self.out_conv, self.out_gain, None, x_dtype))
+        return layers
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, *,
+                weights: dict | None = None):
+        """``weights``: every MPConv's effective weight by name (:meth:`mp_layers`, made by
+        :func:`effective_weights`); None computes them here, in one multi-tensor call."""
+        if self.emb_label is not None and class_labels is None:
+            raise ValueError(f"class_labels: required, this UNet has label_dim={self.label_dim}")
+        if weights is None:
+            label_dtype = class_labels.dtype if self.emb_label is not None else None
+            weights = effective_weights(self, self.mp_layers(x.dtype, noise_labels.dtype, label_dtype))
+        emb = self.emb_noise(self.emb_fourier(noise_labels), weight=weights["emb_noise"])
+        if self.emb_label is not None:
+            # the release scales the labels by sqrt(label_dim); mp_layers puts it in the weight's gain
+            emb = mk.mp_sum(emb, self.emb_label(class_labels, weight=weights["emb_label"]).to(emb.dtype),
                             t=self.label_balance)
         emb = mk.mp_silu(emb)
+
+        # Every Block's modulation c = emb_linear(emb, gain=emb_gain) + 1 in one matmul over the
+        # concatenated effective weights; each Block reads its columns (a row-strided view).
+        blocks = [(f"{part}.{name}", block) for part, group in (("enc", self.enc), ("dec", self.dec))
+                  for name, block in group.items() if isinstance(block, Block)]
+        w_emb = torch.cat([weights[f"{name}.emb_linear"] for name, _ in blocks])
+        c_all = torch.mm(emb, w_emb.to(emb.dtype).t()).add_(1)
+        cs = dict(zip([name for name, _ in blocks], torch.split(c_all, [b.out_channels for _, b in blocks], dim=1)))
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if name.endswith("_conv") else block(x, emb)
+            if isinstance(block, MPConv):
+                x = block(x, weight=weights[f"enc.{name}"])
+            else:
+                x = block(x, None, weights=_local(weights, f"enc.{name}.", block), c=cs[f"enc.{name}"])
             skips.append(x)
         for name, block in self.dec.items():
-            if "block" in name:
-                x = mk.mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
-        return self.out_conv(x, gain=self.out_gain)
+            x_silu = None
+            if "block" in name:  # the concatenation and the Block's first MP-SiLU in one pass
+                x, x_silu = mk.mp_cat_mp_silu(x, skips.pop(), t=self.concat_balance)
+            x = block(x, None, weights=_local(weights, f"dec.{name}.", block), c=cs[f"dec.{name}"], x_silu=x_silu)
+        return self.out_conv(x, weight=weights["out_conv"])
+
+
+def _local(weights: dict, prefix: str, block: Block) -> dict:
+    return {name: weights[prefix + name] for name, *_ in block.mp_layers() if name != "emb_linear"}
+
+
+def effective_weights(owner: torch.nn.Module, layers) -> dict:
+    """The effective weight of every MPConv in ``layers`` (``(name, MPConv, gain, qkv_heads, dtype)``,
+    see :meth:`UNet.mp_layers`), by name, from one :func:`mpkernels.mp_weights` call.
+
+    Training mode first applies each MPConv's forced weight normalization (paper Eq. 66) to all
+    of them at once, with one :func:`mpkernels.force_normalize_` call (the same update each MPConv
+    would make). In eval mode without autograd the result is cached on ``owner`` and reused
+    while no parameter changed (same tensors, same ``_version``): the sampler evaluates the
+    network many times with the same weights. In-place writes through ``param.data`` bypass the
+    version counter; call :func:`clear_weight_cache` after them.
+    """
+    forced = [conv.weight for _, conv, *_ in layers if conv.training and conv.forced_weight_norm]
+    if forced:
+        with torch.no_grad():
+            mk.force_normalize_(forced)
+    compiling = torch.compiler.is_compiling()
+    key = None
+    if not compiling and not owner.training and not torch.is_grad_enabled():
+        key = _weight_key(layers)
+        cached = owner.__dict__.get("_mp_weight_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+    out = mk.mp_weights([conv.weight for _, conv, *_ in layers], [gain for _, _, gain, *_ in layers],
+                        qkv_heads=[heads for *_, heads, _ in layers], dtypes=[dtype for *_, dtype in layers])
+    weights = dict(zip([name for name, *_ in layers], out))
+    if not compiling:  # a plain attribute: not a buffer, never in the state dict
+        owner.__dict__["_mp_weight_cache"] = None if key is None else (key, weights)
+    return weights
+
+
+def _weight_key(layers) -> tuple:
+    """What the effective weights depend on: each tensor's identity, storage and version, and the settings."""
+    key = []
+    for name, conv, gain, heads, dtype in layers:
+        w = conv.weight
+        key.append((name, id(w), w.data_ptr(), w._version, heads, dtype))
+        if isinstance(gain, torch.Tensor):
+            key.append((id(gain), gain.data_ptr(), gain._version))
+        else:
+            key.append(gain)
+    return tuple(key)
+
+
+def clear_weight_cache(net: torch.nn.Module) -> None:
+    """Forget the effective weights cached for eval-mode inference (see :func:`effective_weights`)."""
+    for m in net.modules():
+        m.__dict__.pop("_mp_weight_cache", None)
 
 
 class Precond(torch.nn.Module):
@@ -208,19 +332,26 @@ class Precond(torch.nn.Module):
             class_labels = None
         dtype = self.compute_dtype(x.device, force_fp32)
         sd = self.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        s2 = sigma ** 2 + sd ** 2  # shared by the coefficients: the same values, fewer launches
+        root = s2.sqrt()
+        c_skip = sd ** 2 / s2
+        c_out = sigma * sd / root
+        c_in = root.reciprocal()
         c_noise = sigma.flatten().log() / 4
 
         x_in = (c_in * x).to(dtype)
         if self.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
-        F_x = self.unet(x_in, c_noise, class_labels)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        # One multi-tensor call for the U-Net's weights and (when asked for) the logvar head's.
+        layers = self.unet.mp_layers(dtype, c_noise.dtype, None if class_labels is None else class_labels.dtype)
+        if return_logvar:
+            layers.append(("logvar_linear", self.logvar_linear, 1, None, c_noise.dtype))
+        weights = effective_weights(self, layers)
+        F_x = self.unet(x_in, c_noise, class_labels, weights=weights)
+        D_x = c_skip * x + c_out * F_x  # F_x is widened to fp32 inside the product
         if not return_logvar:
             return D_x
-        logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+        logvar = self.logvar_linear(self.logvar_fourier(c_noise), weight=weights["logvar_linear"]).reshape(-1, 1, 1, 1)
         return D_x, logvar
 
 

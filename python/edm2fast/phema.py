@@ -84,7 +84,11 @@ def power_function_beta(std, t_next, t_delta):
         t_delta: length of the step (batch size), 0 <= t_delta <= t_next. The first step
             (`t_delta == t_next`) gives beta = 0: the EMA starts as a copy of the net.
     """
-    gamma = std_to_exp(std)
+    return _beta_of_exp(std_to_exp(std), t_next, t_delta)
+
+
+def _beta_of_exp(gamma, t_next, t_delta):
+    """:func:`power_function_beta` for a known exponent `gamma` (what `PowerFunctionEMA` caches)."""
     t_next = np.asarray(t_next, dtype=np.float64)
     t_delta = np.asarray(t_delta, dtype=np.float64)
     if not np.all(np.isfinite(t_next)) or np.any(t_next <= 0):
@@ -186,14 +190,19 @@ class PowerFunctionEMA:
             raise ValueError(f'stds: {e}') from None
         self.net = net
         self.stds = stds
+        # The exponents are fixed: solving the cubic (np.roots) once, not twice per training step.
+        self._gammas = tuple(std_to_exp(s) for s in stds)  # scalar calls: the values power_function_beta uses
         self.emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in stds]
 
-    def _pairs(self, ema):
+    def _net_tensors(self):
+        """The net's (detached parameters, buffers): listed once per update, shared by every EMA."""
+        return [p.detach() for p in self.net.parameters()], list(self.net.buffers())
+
+    def _pairs(self, ema, net_tensors=None):
         """Return (ema params, net params, ema buffers, net buffers) as detached tensors."""
+        net_p, net_b = net_tensors if net_tensors is not None else self._net_tensors()
         ema_p = [p.detach() for p in ema.parameters()]
-        net_p = [p.detach() for p in self.net.parameters()]
         ema_b = list(ema.buffers())
-        net_b = list(self.net.buffers())
         if len(ema_p) != len(net_p) or len(ema_b) != len(net_b):
             raise RuntimeError('the network changed structure since the EMA was created')
         return ema_p, net_p, ema_b, net_b
@@ -218,9 +227,10 @@ class PowerFunctionEMA:
         updated by one multi-tensor `mpkernels.ema_lerp_(ema, net, 1 - beta)` call.
         """
         import mpkernels as mk
-        for std, ema in zip(self.stds, self.emas):
-            beta = power_function_beta(std, cur_nimg, batch_size)
-            ema_p, net_p, ema_b, net_b = self._pairs(ema)
+        net_tensors = self._net_tensors()
+        for gamma, ema in zip(self._gammas, self.emas):
+            beta = _beta_of_exp(gamma, cur_nimg, batch_size)  # = power_function_beta(std, ...), bit for bit
+            ema_p, net_p, ema_b, net_b = self._pairs(ema, net_tensors)
             if ema_p:
                 mk.ema_lerp_(ema_p, net_p, 1 - beta)
             for e, b in zip(ema_b, net_b):

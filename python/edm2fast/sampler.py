@@ -45,7 +45,7 @@ def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7):
 @torch.no_grad()
 def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80,
                 rho=7, guidance=1, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
-                dtype=torch.float32, randn_like=torch.randn_like):
+                dtype=torch.float32, randn_like=torch.randn_like, eval_mode='auto'):
     """Generate samples from `noise` (spec §8).
 
     Args:
@@ -62,6 +62,10 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
         dtype: dtype of the state `x` and of `sigma` given to the nets.
         randn_like: source of the churn noise; pass `StackedRandomGenerator.randn_like`
             to make each image depend on its own seed only.
+        eval_mode: how the network evaluations run (`edm2fast.graphs.graphed_denoiser`):
+            'auto' (one CUDA graph per batch shape on CUDA for eval-mode modules, else eager,
+            noted once), 'eager', 'graph' or 'compile'. A replayed graph runs the eager
+            kernels, so the images are the eager ones.
 
     Returns:
         the final `x_n` (`dtype`, shaped like `noise`).
@@ -78,6 +82,10 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
     if not isinstance(noise, torch.Tensor) or noise.ndim < 1 or not noise.is_floating_point():
         raise ValueError('noise must be a floating-point tensor [N, ...]')
     use_guidance = gnet is not None and guidance != 1
+    from .graphs import graphed_denoiser
+    net = graphed_denoiser(net, noise.device, eval_mode)
+    if use_guidance:
+        gnet = graphed_denoiser(gnet, noise.device, eval_mode)
     sigma_shape = [noise.shape[0]] + [1] * (noise.ndim - 1)
 
     def denoise(x, t):

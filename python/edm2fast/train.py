@@ -71,8 +71,9 @@ SMALL_PRESETS: dict[str, dict] = {
 
 # Config fields that may differ between a checkpoint and the run resuming it: they change
 # neither the trained weights nor the meaning of what is written.
-_RESUMABLE_CHANGES = {"duration", "slice", "status", "checkpoint", "snapshot", "backend", "compile", "workers",
-                      "device", "progress", "keep_checkpoints", "batch_gpu", "run_dir", "bench", "require_labels"}
+_RESUMABLE_CHANGES = {"duration", "slice", "status", "checkpoint", "snapshot", "backend", "compile", "step_mode",
+                      "workers", "device", "progress", "keep_checkpoints", "batch_gpu", "run_dir", "bench",
+                      "require_labels"}
 
 # The release prints a status line every 128 Ki images.
 RELEASE_STATUS_NIMG = 128 * Ki
@@ -195,6 +196,7 @@ class TrainConfig:
     loss_scale: float = 1.0
     backend: str = "auto"           # mpkernels backend
     compile: bool = False
+    step_mode: str = "auto"         # 'auto' | 'eager' | 'graph' | 'compile' (edm2fast.graphs)
     seed: int = 0
     ema_stds: tuple = (0.050, 0.100)
     snapshot: Any = None            # images between EMA snapshots
@@ -302,6 +304,8 @@ def _resolve(cfg: TrainConfig) -> dict:
         raise ValueError(f"keep_checkpoints: expected an integer >= 1, got {r['keep_checkpoints']!r}")
     if int(r["seed"]) != r["seed"] or r["seed"] < 0:
         raise ValueError(f"seed: expected an integer >= 0, got {r['seed']!r}")
+    if r["step_mode"] not in ("auto", "eager", "graph", "compile"):
+        raise ValueError(f"step_mode: expected auto, eager, graph or compile, got {r['step_mode']!r}")
     if r["workers"] < 0:
         raise ValueError(f"workers: expected an integer >= 0, got {r['workers']!r}")
     return r
@@ -383,22 +387,32 @@ class _Data:
             lab = torch.stack([torch.from_numpy(np.array(item[1], dtype=np.float32)) for item in items]).to(device)
         return x, lab
 
-    def _epoch(self, e: int) -> torch.Tensor:
-        if e not in self._epochs:
-            if len(self._epochs) > 2:
-                self._epochs.pop(min(self._epochs))
-            self._epochs[e] = torch.from_numpy(np.asarray(self.order.epoch_order(e), dtype=np.int64))
-        return self._epochs[e]
+    def _epoch(self, e: int, device: torch.device) -> torch.Tensor:
+        """Epoch ``e``'s permutation of the dataset on ``device``, uploaded once per epoch."""
+        key = (e, device)
+        if key not in self._epochs:
+            for old in [k for k in self._epochs if k[0] < e - 1]:  # at most this epoch and the last stay
+                del self._epochs[old]
+            order = torch.from_numpy(np.asarray(self.order.epoch_order(e), dtype=np.int64))
+            # Pageable memory is staged before the copy returns, so no stream synchronization is needed.
+            self._epochs[key] = order.to(device, non_blocking=True)
+        return self._epochs[key]
 
-    def indices(self, start: int, count: int) -> torch.Tensor:
+    def indices(self, start: int, count: int, device=None) -> torch.Tensor:
         """Dataset indices this rank reads at its items ``start .. start+count`` of the stream
-        beginning at global position 0 (global positions ``rank + world * k``)."""
-        pos = self.rank + self.world * torch.arange(start, start + count, dtype=torch.int64)
-        epochs = pos // self.length
-        out = torch.empty(count, dtype=torch.int64)
-        for e in torch.unique(epochs).tolist():
-            sel = epochs == e
-            out[sel] = self._epoch(e)[pos[sel] % self.length]
+        beginning at global position 0 (global positions ``rank + world * k``), on ``device``
+        (default: CPU). The epochs involved follow from the arithmetic alone and the lookup is
+        a gather and a select per epoch, so on a GPU nothing waits for the device."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if count < 1:
+            return torch.empty(0, dtype=torch.int64, device=device)
+        pos = self.rank + self.world * torch.arange(start, start + count, dtype=torch.int64, device=device)
+        offset = pos % self.length
+        first_epoch = (self.rank + self.world * start) // self.length
+        last_epoch = (self.rank + self.world * (start + count - 1)) // self.length
+        out = self._epoch(first_epoch, device)[offset]
+        for e in range(first_epoch + 1, last_epoch + 1):
+            out = torch.where(pos >= e * self.length, self._epoch(e, device)[offset], out)
         return out
 
     def fetch(self, first: int, count: int, device, generator=None):
@@ -411,7 +425,7 @@ class _Data:
             x = x.to(device, non_blocking=True)
             lab = lab.to(device, non_blocking=True) if self.label_dim else None
         elif self._cache is not None:
-            idx = self.indices(first, count).to(self._cache[0].device)
+            idx = self.indices(first, count, self._cache[0].device)
             x = self._cache[0][idx]
             lab = self._cache[1][idx] if self._cache[1] is not None else None
         else:
@@ -700,6 +714,20 @@ class Trainer:
             self._forward = self._ddp
         if self.cfg["compile"]:
             self._forward = torch.compile(self._forward)
+        self._prepare_step_mode()
+
+    def _prepare_step_mode(self):
+        """Pick the step mode (``cfg['step_mode']``, see :mod:`edm2fast.graphs`); one log line when a
+        faster mode is not safe here and the step stays eager."""
+        from . import graphs
+        mode, note = graphs.choose_step_mode(
+            self.cfg.get("step_mode", "auto"), device=self.device, distributed=self.distributed, rounds=self.rounds,
+            compiled_net=bool(self.cfg["compile"]), dropout=float(self.network_kwargs.get("dropout", 0.0)))
+        if note:
+            self.log(note)
+        self.step_mode = mode
+        self._step_runner = (graphs.GraphedStep(self) if mode == "graph" else
+                             graphs.CompiledStep(self) if mode == "compile" else None)
 
     def _round_batch(self, cur_nimg: int, j: int, generator):
         first = cur_nimg // self.world_size + j * self.batch_gpu  # this rank's items seen so far
@@ -738,9 +766,25 @@ class Trainer:
         cfg = self.cfg
         lr = schedule.learning_rate(self.cur_nimg, cfg["batch"], ref_lr=cfg["lr"], ref_batches=cfg["decay"],
                                     rampup_Mimg=cfg["rampup"])
+        if self.device.type == "cuda":
+            # The float32 a captured step's learning-rate tensor holds, eager too: the two agree bit for bit.
+            lr = float(np.float32(lr))
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.lr = lr
+        runner = getattr(self, "_step_runner", None)
+        if runner is not None:  # a captured or compiled step (edm2fast.graphs); same draws as below
+            out = runner.step(lr, _step_seed(cfg["seed"], self.rank, self.cur_nimg, 0))
+            if out is not None:
+                loss_sum, count, self._last_loss_sq = out
+                return loss_sum, count
+            runner.release()
+            self._step_runner, self.step_mode = None, "eager"
+        return self._eager_step(lr)
+
+    def _eager_step(self, lr: float) -> tuple[torch.Tensor, int]:
+        """The step of :meth:`step` op by op, with the learning rate ``lr`` already set."""
+        cfg = self.cfg
         mk.force_normalize_(self._mpconv_weights)  # forced weight normalization (paper Eq. 66)
         loss_sum, count, self._last_loss_sq = self.accumulate_gradients()
         for p in self.net.parameters():
@@ -789,8 +833,12 @@ class Trainer:
             except ImportError:
                 bar = None
         stats_path = os.path.join(self.run_dir, "stats.jsonl")
-        window_loss, window_count, window_t0, window_n0 = 0.0, 0, time.time(), self.cur_nimg
-        window_sq, maintenance, tick = 0.0, 0.0, 0
+        # The window's loss sums stay on the device (float64, added in the order the floats were):
+        # reading them every step would wait for the device each step; they are read per status line.
+        window_loss = torch.zeros([], dtype=torch.float64, device=self.device)
+        window_sq = torch.zeros([], dtype=torch.float64, device=self.device)
+        window_count, window_t0, window_n0 = 0, time.time(), self.cur_nimg
+        maintenance, tick = 0.0, 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         last_loss = float("nan")
@@ -798,15 +846,16 @@ class Trainer:
             while self.cur_nimg < stop:
                 prev = self.cur_nimg
                 loss_sum, count = self.step()
-                window_loss += float(loss_sum)
-                window_sq += float(self._last_loss_sq)
+                window_loss.add_(loss_sum)
+                window_sq.add_(self._last_loss_sq)
                 window_count += count
                 if bar is not None:
                     bar.update(self.cur_nimg - prev)
                 done = self.cur_nimg >= duration
                 crossed = lambda interval: self.cur_nimg // interval > prev // interval  # noqa: E731
                 if crossed(cfg["status"]) or self.cur_nimg >= stop:
-                    tot_loss, tot_count, tot_sq = self._reduce([window_loss, float(window_count), window_sq])
+                    tot_loss, tot_count, tot_sq = self._reduce([float(window_loss), float(window_count),
+                                                                float(window_sq)])
                     last_loss = tot_loss / max(tot_count, 1)
                     loss_std = math.sqrt(max(tot_sq / max(tot_count, 1) - last_loss ** 2, 0.0))
                     now = time.time()
@@ -833,7 +882,9 @@ class Trainer:
                     if self.is_writer:
                         with open(stats_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
-                    window_loss, window_count, window_sq, window_t0, window_n0 = 0.0, 0, 0.0, time.time(), self.cur_nimg
+                    window_loss.zero_()
+                    window_sq.zero_()
+                    window_count, window_t0, window_n0 = 0, time.time(), self.cur_nimg
                     maintenance = 0.0
                     if self.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(self.device)

@@ -154,7 +154,7 @@ def class_labels_for(net, seeds, class_spec, device=None) -> list[int] | None:
 @torch.no_grad()
 def generate_images(net, seeds, classes=None, *, gnet=None, guidance: float = 1.0, num_steps: int = 32,
                     batch: int = 64, device="cpu", sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0,
-                    S_max=float("inf"), S_noise=1, progress=None) -> torch.Tensor:
+                    S_max=float("inf"), S_noise=1, progress=None, eval_mode: str = "auto") -> torch.Tensor:
     """Sample one image per seed (``[N, C, H, W]`` float32 on the CPU, model space).
 
     The initial noise and any churn noise of image ``k`` come from a generator seeded with
@@ -162,6 +162,7 @@ def generate_images(net, seeds, classes=None, *, gnet=None, guidance: float = 1.
     not change an image (up to floating-point reduction order). As in the release, a
     class-conditional net's generators draw the noise, then one class each (used when
     ``classes`` is None; drawn anyway so churn noise matches), then the churn noise.
+    ``eval_mode``: how the network evaluations run (:func:`edm2fast.graphs.graphed_denoiser`).
     """
     from ..sampler import StackedRandomGenerator, edm_sampler
     device = torch.device(device)
@@ -184,7 +185,7 @@ def generate_images(net, seeds, classes=None, *, gnet=None, guidance: float = 1.
             labels = torch.nn.functional.one_hot(idx.long(), num_classes=net.label_dim).to(torch.float32)
         x = edm_sampler(net, noise, labels, gnet=gnet, num_steps=num_steps, sigma_min=sigma_min,
                         sigma_max=sigma_max, rho=rho, guidance=guidance, S_churn=S_churn, S_min=S_min, S_max=S_max,
-                        S_noise=S_noise, randn_like=rnd.randn_like)
+                        S_noise=S_noise, randn_like=rnd.randn_like, eval_mode=eval_mode)
         out.append(x.float().cpu())
         if progress is not None:
             progress(min(start + batch, len(seeds)), len(seeds))
@@ -354,6 +355,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                         help="compute precision (default: the snapshot's on CUDA, fp32 on CPU)")
     parser.add_argument("--backend", default="auto", help="mpkernels backend (default: auto)")
+    parser.add_argument("--eval-mode", choices=["auto", "eager", "graph", "compile"], default="auto",
+                        help="how the network evaluations run: graph = one CUDA graph per batch shape, replayed "
+                             "(the eager images); compile = torch.compile; auto (default) = graph on CUDA, else "
+                             "eager, saying why once")
     g = parser.add_argument_group("latent models")
     g.add_argument("--no-decode", action="store_true",
                    help="write the raw latents (latents.npy, the VAE's scale) instead of decoding them to PNGs")
@@ -482,7 +487,7 @@ def _run(args, dist, net_path, gnet_path, guidance) -> int:
         images = generate_images(net, seeds, my_classes, gnet=gnet, guidance=guidance, num_steps=args.steps,
                                  batch=args.batch, device=device, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                                  rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-                                 S_noise=args.S_noise, progress=progress)
+                                 S_noise=args.S_noise, progress=progress, eval_mode=args.eval_mode)
     finally:
         if bar is not None:
             bar.close()

@@ -170,6 +170,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="cuDNN autotuning, torch.backends.cudnn.benchmark (default: 1, as the release)")
     g.add_argument("--backend", default="auto", help="mpkernels backend: auto, reference, triton, cuda")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g.add_argument("--step-mode", choices=["auto", "eager", "graph", "compile"], default="auto",
+                   help="how a training step runs: graph = the whole step (forward, backward, Adam, forced weight "
+                        "normalization, EMA) captured once as a CUDA graph and replayed, bit-identical to eager; "
+                        "compile = the whole step in one torch.compile(fullgraph=True) region (float32 rounding "
+                        "differs); auto (default) = graph on CUDA when safe (one process, no --batch-gpu "
+                        "accumulation, no --compile), else eager, saying why in the log")
 
     g = parser.add_argument_group("outputs")
     g.add_argument("--snapshot", type=nimg_arg, default=None, metavar="NIMG",
@@ -201,7 +207,8 @@ def config_from_args(args):
         bench=args.bench, channels=args.channels,
         dropout=args.dropout, lr=args.lr, decay=args.decay, P_mean=args.P_mean, P_std=args.P_std,
         duration=args.duration, batch=args.batch, batch_gpu=args.batch_gpu, rampup=args.rampup, dtype=dtype,
-        loss_scale=args.loss_scale, backend=args.backend, compile=args.compile, seed=args.seed,
+        loss_scale=args.loss_scale, backend=args.backend, compile=args.compile, step_mode=args.step_mode,
+        seed=args.seed,
         ema_stds=tuple(args.ema_stds), snapshot=args.snapshot, snapshot_dtype=args.snapshot_dtype,
         prefix=args.prefix, checkpoint=args.checkpoint, keep_checkpoints=args.keep_checkpoints,
         status=args.status, slice=args.slice, device=args.device, workers=args.workers, progress=args.progress)
