@@ -102,16 +102,35 @@ def write_markdown(report: dict, path: str) -> None:
                      f"{_fmt(b.get('median_ms'), '.4f')} | {_fmt(fb.get('median_ms'), '.4f')} | {_fmt(sp, '.2f')} | "
                      f"{_fmt(f.get('GB_per_s'), '.1f')} | {_fmt(f.get('pct_copy_bw'), '.0f')} | "
                      f"{_fmt(b.get('pct_copy_bw'), '.0f')} |")
+    host = [r for r in report.get("host_overhead", []) if r.get("backend") != "reference"]
+    if host:
+        lines += ["", "## Host time per op call (µs, median; [2, 64, 8, 8] inputs)", "",
+                  "| op | backend | fwd | fwd+bwd | reference fwd | reference fwd+bwd | raw kernel fwd | overhead fwd |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in host:
+            if "error" in r:
+                lines.append(f"| {r['op']} | {r['backend']} | error: {r['error'][:80]} | | | | | |")
+                continue
+            lines.append(f"| {r['op']} | {r['backend']} | {_fmt(r.get('host_us_fwd'), '.1f')} | "
+                         f"{_fmt(r.get('host_us_fwd_bwd'), '.1f')} | {_fmt(r.get('ref_us_fwd'), '.1f')} | "
+                         f"{_fmt(r.get('ref_us_fwd_bwd'), '.1f')} | {_fmt(r.get('raw_us_fwd'), '.1f')} | "
+                         f"{_fmt(r.get('overhead_us'), '.1f')} |")
     acc = report.get("accounting", {})
-    lines += ["", f"## Training-step accounting ({acc.get('network')}, batch {acc.get('batch')}, {acc.get('dtype')})", "",
-              "| backend | ops (~launches) | GiB moved | targets | GEMM/attention library launches | top non-fused ops (count, GiB) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", f"## Training-step accounting ({acc.get('network')}, batch {acc.get('batch')}, {acc.get('dtype')})",
+              "", "| backend | ops (~launches) | GiB moved | targets | GEMM/attention library launches "
+              "| top non-fused ops (count, GiB) |", "|---|---|---|---|---|---|"]
     for r in acc.get("rows", []):
         if "error" in r:
             lines.append(f"| {r['backend']} | not traceable: {r['error']} | | | | |")
             continue
         lines.append(f"| {r['backend']} | {r['ops']} | {r['GiB']:.2f} | {_targets_text(r) or '-'} | "
                      f"{r.get('library', '-')} | {_unfused_text(r) if 'unfused' in r else '-'} |")
+    for r in acc.get("rows", []):
+        if "by_op" in r and r["backend"] != "reference":
+            lines += ["", f"<details><summary>{r['backend']}: every op of the step</summary>", "",
+                      "| op | count | GiB |", "|---|---|---|"]
+            lines += [f"| {op} | {n} | {r['GiB_by_op'][op]:.3f} |" for op, n in r["by_op"].items()]
+            lines += ["", "</details>"]
     ts = report.get("train_step")
     if ts:
         lines += ["", f"## Training step ({ts['forward_GFLOP_per_image']:.2f} forward GFLOP/image)", "",

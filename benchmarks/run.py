@@ -164,6 +164,13 @@ def main(argv=None) -> int:
     report["timing"] = timing_rows
     R.print_timing(timing_rows)
 
+    # host time per op call (what each of a step's ~1,000 launches costs the CPU that issues it)
+    try:
+        report["host_overhead"] = O.host_overhead(device, backends, reps=200 if args.quick else 2000)
+        O.print_host_overhead(report["host_overhead"])
+    except Exception as e:
+        report["host_overhead"] = [{"op": "*", "backend": "*", "error": f"{type(e).__name__}: {e}"[:300]}]
+
     # 3. model level ----------------------------------------------------------------------------
     # Always the EDM2-S step at batch 32 in bf16 (issue 10's targets), whatever the machine: it is
     # traced on the meta device, so a CPU accounts the GPU step in seconds.

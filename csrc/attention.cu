@@ -26,6 +26,9 @@ struct InPtrs {
   HeadsStrides s[3];
 };
 
+// Rows (vectors) of a qkv view: one per (n, l, head, j).
+__host__ __device__ __forceinline__ int64_t rows_of(const QkvView& s) { return 3 * s.N * s.L * s.heads; }
+
 struct Row {
   int64_t n, l, head, j;
 };
@@ -62,7 +65,7 @@ __device__ __forceinline__ float group_sum(float v) {
 template <typename T, int G>
 __global__ void __launch_bounds__(kThreads)
     qkv_normalize_fwd_kernel(QkvView s, const T* __restrict__ x, OutPtrs out, HeadsStrides os, float* rms, float eps) {
-  const int64_t rows = 3 * s.N * s.L * s.heads;
+  const int64_t rows = rows_of(s);
   const int64_t groups = static_cast<int64_t>(gridDim.x) * (kThreads / G);
   const int lane = G == 1 ? 0 : static_cast<int>(threadIdx.x % G);
   const float inv_k = 1.0f / static_cast<float>(s.D);
@@ -87,7 +90,7 @@ template <typename T, int G>
 __global__ void __launch_bounds__(kThreads)
     qkv_normalize_bwd_kernel(QkvView s, InPtrs g, const T* __restrict__ x, const float* __restrict__ rms, T* gx,
                              int64_t osN, int64_t osC, int64_t osL, float eps) {
-  const int64_t rows = 3 * s.N * s.L * s.heads;
+  const int64_t rows = rows_of(s);
   const int64_t groups = static_cast<int64_t>(gridDim.x) * (kThreads / G);
   const int lane = G == 1 ? 0 : static_cast<int>(threadIdx.x % G);
   const float inv_k = 1.0f / static_cast<float>(s.D);
@@ -110,9 +113,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-unsigned blocks_for(const QkvView& s, int group) {
-  return grid_for(3 * s.N * s.L * s.heads * group, kThreads);
-}
 
 }  // namespace
 
@@ -123,10 +123,10 @@ void qkv_normalize_fwd(DType dt, const QkvView& s, const void* x, void* const* q
   const bool warp_rows = s.sC == 1;
   MPK_CUDA_DISPATCH(dt, T, {
     if (warp_rows)
-      qkv_normalize_fwd_kernel<T, 32><<<blocks_for(s, 32), kThreads, 0, stream>>>(
+      qkv_normalize_fwd_kernel<T, 32><<<grid_for(rows_of(s) * 32, kThreads), kThreads, 0, stream>>>(
           s, static_cast<const T*>(x), out, os, rms, eps);
     else
-      qkv_normalize_fwd_kernel<T, 1><<<blocks_for(s, 1), kThreads, 0, stream>>>(
+      qkv_normalize_fwd_kernel<T, 1><<<grid_for(rows_of(s), kThreads), kThreads, 0, stream>>>(
           s, static_cast<const T*>(x), out, os, rms, eps);
   });
   MPK_CHECK_LAUNCH("qkv_normalize_fwd");
@@ -140,10 +140,10 @@ void qkv_normalize_bwd(DType dt, const QkvView& s, const void* const* grads, con
   const bool warp_rows = s.sC == 1;
   MPK_CUDA_DISPATCH(dt, T, {
     if (warp_rows)
-      qkv_normalize_bwd_kernel<T, 32><<<blocks_for(s, 32), kThreads, 0, stream>>>(
+      qkv_normalize_bwd_kernel<T, 32><<<grid_for(rows_of(s) * 32, kThreads), kThreads, 0, stream>>>(
           s, g, static_cast<const T*>(x), rms, static_cast<T*>(gx), osN, osC, osL, eps);
     else
-      qkv_normalize_bwd_kernel<T, 1><<<blocks_for(s, 1), kThreads, 0, stream>>>(
+      qkv_normalize_bwd_kernel<T, 1><<<grid_for(rows_of(s), kThreads), kThreads, 0, stream>>>(
           s, g, static_cast<const T*>(x), rms, static_cast<T*>(gx), osN, osC, osL, eps);
   });
   MPK_CHECK_LAUNCH("qkv_normalize_bwd");

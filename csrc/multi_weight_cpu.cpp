@@ -1,7 +1,9 @@
 // CPU twins of the mp_weights launchers (csrc/multi_weight.h): the rows of all weights of a call
 // form one range that at::parallel_for splits, so a list of many small weights costs one parallel
 // region, not one per weight. Per-row math as the single-weight twin (csrc/mp_cpu_impl.h): fp32
-// sums with eight partial sums, scale = gain / sqrt(len) / (eps + rms).
+// sums with eight partial sums, scale = gain / sqrt(len) / (eps + rms). The row kernels
+// (csrc/multi_weight_cpu_impl.h) are compiled for SSE2, AVX2+FMA and AVX-512 and run with the
+// instruction set the single-tensor twins use.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -12,6 +14,12 @@
 #include <vector>
 
 #include "multi_weight.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MPK_MW_MULTI_ISA 1
+#else
+#define MPK_MW_MULTI_ISA 0
+#endif
 
 namespace mpk {
 namespace cpu {
@@ -66,40 +74,53 @@ inline void store_any(void* p, DType dt, float v) {
   }
 }
 
-template <typename T>
-inline float sumsq(const T* p, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) {
-      const float v = to_f(p[i + j]);
-      acc[j] += v * v;
-    }
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) {
-    const float v = to_f(p[i]);
-    s += v * v;
-  }
-  return s;
-}
-
-template <typename TA, typename TB>
-inline float dot(const TA* a, const TB* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += to_f(a[i + j]) * to_f(b[i + j]);
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += to_f(a[i]) * to_f(b[i]);
-  return s;
-}
-
 inline float gain_of(const WeightRows& t) { return t.gain_ptr ? load_any(t.gain_ptr, t.gain_dtype) : t.gain; }
 inline float inv_sqrt(int64_t len) { return 1.0f / std::sqrt(static_cast<float>(len)); }
 
-// Calls row_fn(t, row) for every row of every weight, in parallel over the concatenated rows.
-template <typename RowFn>
-void for_each_row(const WeightRows* ws, int64_t count, RowFn row_fn) {
+}  // namespace
+
+namespace mw_default {
+#include "multi_weight_cpu_impl.h"
+}  // namespace mw_default
+
+#if MPK_MW_MULTI_ISA
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace mw_avx2 {
+#include "multi_weight_cpu_impl.h"
+}  // namespace mw_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+namespace mw_avx512 {
+#include "multi_weight_cpu_impl.h"
+}  // namespace mw_avx512
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+// The instruction set of the single-tensor twins (mp_cpu.cpp: the CPU's best, capped by
+// MPKERNELS_CPU_ISA or set_isa), so both twins round alike.
+#if MPK_MW_MULTI_ISA
+#define MPK_MW_ISA_CALL(fn, ...)                                          \
+  do {                                                                    \
+    const char* isa = isa_name();                                         \
+    if (std::strcmp(isa, "avx512") == 0)                                  \
+      mw_avx512::fn(__VA_ARGS__);                                         \
+    else if (std::strcmp(isa, "avx2") == 0)                               \
+      mw_avx2::fn(__VA_ARGS__);                                           \
+    else                                                                  \
+      mw_default::fn(__VA_ARGS__);                                        \
+  } while (0)
+#else
+#define MPK_MW_ISA_CALL(fn, ...) mw_default::fn(__VA_ARGS__)
+#endif
+
+// Splits the concatenated rows of all weights over the threads; row_range(first, b, e) runs rows [b, e).
+template <typename RowRange>
+void for_rows(const WeightRows* ws, int64_t count, RowRange row_range) {
   std::vector<int64_t> first(count + 1, 0);  // first[t]: index of weight t's first row
   int64_t elems = 0;
   for (int64_t t = 0; t < count; ++t) {
@@ -109,60 +130,21 @@ void for_each_row(const WeightRows* ws, int64_t count, RowFn row_fn) {
   const int64_t total = first[count];
   if (total == 0) return;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems / total));
-  at::parallel_for(0, total, grain, [&](int64_t b, int64_t e) {
-    int64_t t = std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
-    for (int64_t i = b; i < e; ++i) {
-      while (i >= first[t + 1]) ++t;
-      row_fn(ws[t], i - first[t]);
-    }
-  });
-}
-
-template <typename TW, typename TO>
-void fwd_row(const WeightRows& t, int64_t row, float eps, float* rms) {
-  const int64_t len = t.len;
-  const TW* w = static_cast<const TW*>(t.w) + row * len;
-  TO* out = static_cast<TO*>(t.out) + qkv_out_row(static_cast<int32_t>(row), static_cast<int32_t>(t.qkv_rows)) * len;
-  const float rv = rms_from_sumsq(sumsq(w, len), 1.0f / static_cast<float>(len));
-  rms[t.stat + row] = rv;
-  const float sc = inv_denom(rv, eps) * (gain_of(t) / std::sqrt(static_cast<float>(len)));
-  for (int64_t i = 0; i < len; ++i) out[i] = from_f<TO>(to_f(w[i]) * sc);
-}
-
-// gw = k (g r - coef w (g . w)), k = gain / sqrt(len); partial = r (g . w) for d / d gain.
-template <typename TW, typename TG>
-void bwd_row(const WeightRows& t, int64_t row, float eps, const float* rms, float* partial) {
-  const int64_t len = t.len;
-  const TW* w = static_cast<const TW*>(t.w) + row * len;
-  TW* gw = static_cast<TW*>(t.out) + row * len;
-  float* part = partial && t.gain_ptr ? partial + t.stat + row : nullptr;
-  if (!t.grad) {  // the effective weight got no gradient
-    std::fill(gw, gw + len, from_f<TW>(0.0f));
-    if (part) *part = 0.0f;
-    return;
-  }
-  const TG* g = static_cast<const TG*>(t.grad) +
-                qkv_out_row(static_cast<int32_t>(row), static_cast<int32_t>(t.qkv_rows)) * len;
-  const float inv_sqrt_len = inv_sqrt(len), k = gain_of(t) * inv_sqrt_len;
-  const float rv = rms[t.stat + row], r = inv_denom(rv, eps);
-  const float d = dot(g, w, len);
-  const float a = r * k, cd = norm_grad_coef(r, rv, 1.0f / static_cast<float>(len)) * d * k;
-  for (int64_t i = 0; i < len; ++i) gw[i] = from_f<TW>(to_f(g[i]) * a - cd * to_f(w[i]));
-  if (part) *part = r * d;
+  at::parallel_for(0, total, grain, [&](int64_t b, int64_t e) { row_range(first.data(), b, e); });
 }
 
 }  // namespace
 
 void mp_weights_fwd(DType out_dtype, const WeightRows* weights, int64_t count, float eps, float* rms) {
-  for_each_row(weights, count, [&](const WeightRows& t, int64_t row) {
-    MPK_MW_DISPATCH(out_dtype, TO, MPK_MW_DISPATCH(t.w_dtype, TW, fwd_row<TW, TO>(t, row, eps, rms)));
+  for_rows(weights, count, [&](const int64_t* first, int64_t b, int64_t e) {
+    MPK_MW_ISA_CALL(fwd_rows, out_dtype, weights, first, b, e, eps, rms);
   });
 }
 
 void mp_weights_bwd(DType grad_dtype, const WeightRows* weights, int64_t count, float eps, const float* rms,
                     float* partial) {
-  for_each_row(weights, count, [&](const WeightRows& t, int64_t row) {
-    MPK_MW_DISPATCH(grad_dtype, TG, MPK_MW_DISPATCH(t.w_dtype, TW, bwd_row<TW, TG>(t, row, eps, rms, partial)));
+  for_rows(weights, count, [&](const int64_t* first, int64_t b, int64_t e) {
+    MPK_MW_ISA_CALL(bwd_rows, grad_dtype, weights, first, b, e, eps, rms, partial);
   });
 }
 

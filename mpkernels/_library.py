@@ -27,10 +27,9 @@ or through a plain ``torch.autograd.Function`` built from the same ``setup_conte
 would do: plain tensors (no subclass, not on the meta device) and plain Python scalars
 matching the schema, and nothing that intercepts ops: no ``torch.compile`` tracing, no
 ``TorchDispatchMode`` / ``FakeTensorMode`` / function mode, no functorch transform, no
-forward-mode AD, no profiler (which names custom ops in its traces). Anything else calls
-the custom op itself, so tracing, fake tensors and the benchmark's launch accounting see
-``mpkernels::<name>`` nodes as before. :func:`lean_path` switches the lean path off (tests
-compare both paths bit for bit; the benchmark times both).
+forward-mode AD. Anything else calls the custom op itself, so tracing, fake tensors and the
+benchmark's launch accounting see ``mpkernels::<name>`` nodes as before. :func:`lean_path`
+switches the lean path off (tests compare both paths bit for bit; the benchmark times both).
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ _DEFINED: dict[str, object] = {}
 _LEAN = [True]  # lean_path() flips it
 
 # Argument kinds the lean path can check exactly; an op with any other kind always takes the custom op.
-_TENSOR, _OPT_TENSOR, _TENSOR_LIST, _FLOAT, _INT, _BOOL = range(6)
+_TENSOR, _OPT_TENSOR, _TENSOR_LIST, _FLOAT, _INT, _BOOL, _DTYPE = range(7)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -70,7 +69,9 @@ def _arg_kinds(schema) -> tuple[int, ...] | None:
         t = a.type
         if a.kwarg_only or a.has_default_value() or a.alias_info is not None:
             return None
-        if isinstance(t, torch.TensorType):
+        if str(a.real_type) == "ScalarType":  # declared 'int' in the type, a torch.dtype in Python
+            kinds.append(_DTYPE)
+        elif isinstance(t, torch.TensorType):
             kinds.append(_TENSOR)
         elif isinstance(t, torch.OptionalType) and isinstance(t.getElementType(), torch.TensorType):
             kinds.append(_OPT_TENSOR)
@@ -109,6 +110,9 @@ def _plain_args(args, kinds, devices) -> bool:
         elif k == _INT:
             if type(a) is not int:
                 return False
+        elif k == _DTYPE:
+            if type(a) is not torch.dtype:
+                return False
         elif type(a) is not bool:
             return False
     return True
@@ -118,15 +122,14 @@ def _plain_args(args, kinds, devices) -> bool:
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._len_torch_function_stack
-_profiling = torch._C._autograd._profiler_enabled
 _grad_enabled = torch.is_grad_enabled
 _any_requires_grad = torch._C._any_requires_grad
 
 
 def _intercepted() -> bool:
     """True when something may see or transform op calls: then only the custom op is equivalent."""
-    return (_is_compiling() or _dispatch_modes() > 0 or _function_modes() > 0 or _functorch_stack() is not None
-            or _forward_ad._current_level >= 0 or _profiling())
+    return (_dispatch_modes() > 0 or _function_modes() > 0 or _functorch_stack() is not None
+            or _forward_ad._current_level >= 0)
 
 
 class KernelOp(CustomOpDef):
@@ -143,6 +146,8 @@ class KernelOp(CustomOpDef):
     _lean_tensors_only: bool  # every argument a Tensor, any device: the inline check suffices
 
     def __call__(self, *args, **kwargs):
+        if _is_compiling():  # first, so that Dynamo folds it and traces nothing else here
+            return self._opoverload(*args, **kwargs)
         kinds = self._lean_kinds
         if kwargs or not _LEAN[0] or kinds is None or len(args) != len(kinds) or _intercepted():
             return self._opoverload(*args, **kwargs)
@@ -159,19 +164,23 @@ class KernelOp(CustomOpDef):
         out = self._lean_impl(*args)
         return tuple(out) if type(out) is list else out
 
+    def register_kernel(self, device_types, fn=None, /):
+        self._lean_kinds = None  # a kernel registered later replaces the implementation the lean path calls
+        return super().register_kernel(device_types, fn)
+
     def register_autograd(self, backward, /, *, setup_context=None):
         super().register_autograd(backward, setup_context=setup_context)
         self._lean_function = None
         if self._lean_kinds is not None and _TENSOR_LIST not in self._lean_kinds:
-            self._lean_function = _lean_function(self._name, self._lean_impl, backward, setup_context)
+            self._lean_function = _lean_function(self, backward, setup_context)
 
 
-def _lean_function(name: str, impl: Callable, backward: Callable, setup_context: Callable | None) -> type:
+def _lean_function(op: KernelOp, backward: Callable, setup_context: Callable | None) -> type:
     """The autograd of the custom op as a plain ``autograd.Function``: same implementation, same
     ``setup_context`` (so the same saved tensors and flags), same ``backward``."""
 
     def forward(ctx, *args):
-        out = impl(*args)
+        out = op._lean_impl(*args)
         if type(out) is list:
             out = tuple(out)
         if setup_context is not None:
@@ -181,7 +190,7 @@ def _lean_function(name: str, impl: Callable, backward: Callable, setup_context:
     def lean_backward(ctx, *grads):
         return backward(ctx, *grads)
 
-    return type(f"Lean_{name.replace('::', '_')}", (torch.autograd.Function,),
+    return type(f"Lean_{op._name}", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(lean_backward)})
 
 
@@ -224,7 +233,7 @@ def with_backward(fwd, bwd, *, num_outputs: int = 1, saved_inputs: Sequence[int]
     def setup_context(ctx, inputs, output):
         outs = output if isinstance(output, tuple) else (output,)
         ctx.save_for_backward(*[inputs[i] for i in saved_inputs], *[outs[i] for i in saved_outputs])
-        ctx.nontensor = tuple(inputs[i] for i in nontensor_args)
+        ctx.nontensor = [inputs[i] for i in nontensor_args]
         ctx.num_inputs = len(inputs)
         # Metadata of the visible outputs, to make zeros only for a visible output that got no
         # gradient; saved statistics never need one (no materialized zeros for them: no launches).
@@ -232,23 +241,31 @@ def with_backward(fwd, bwd, *, num_outputs: int = 1, saved_inputs: Sequence[int]
         if num_outputs > 1:
             ctx.visible = [(o.shape, o.dtype, o.device) for o in outs[:num_outputs]]
         ctx.set_materialize_grads(False)
-        extra = [o for o in outs[num_outputs:] if isinstance(o, torch.Tensor)]
-        if extra:
-            ctx.mark_non_differentiable(*extra)
+        if len(outs) > num_outputs:
+            extra = [o for o in outs[num_outputs:] if isinstance(o, torch.Tensor)]
+            if extra:
+                ctx.mark_non_differentiable(*extra)
 
     def backward(ctx, *grads):
-        if all(g is None for g in grads[:num_outputs]):
-            return (None,) * ctx.num_inputs
-        dense = []
-        for i, g in enumerate(grads[:num_outputs]):
+        if num_outputs == 1:  # the common case, without the loop
+            g = grads[0]
             if g is None:
-                shape, dtype, device = ctx.visible[i]
-                g = torch.zeros(shape, dtype=dtype, device=device)
-            elif not is_dense(g):  # e.g. an expanded view from ``sum()``: kernels need dense memory
-                g = g.contiguous()
-            dense.append(g)
+                return (None,) * ctx.num_inputs
+            dense = [g if is_dense(g) else g.contiguous()]
+        else:
+            if all(g is None for g in grads[:num_outputs]):
+                return (None,) * ctx.num_inputs
+            dense = []
+            for i, g in enumerate(grads[:num_outputs]):
+                if g is None:
+                    shape, dtype, device = ctx.visible[i]
+                    g = torch.zeros(shape, dtype=dtype, device=device)
+                elif not is_dense(g):  # e.g. an expanded view from ``sum()``: kernels need dense memory
+                    g = g.contiguous()
+                dense.append(g)
         res = bwd(*dense, *ctx.saved_tensors, *ctx.nontensor)
-        res = res if isinstance(res, (tuple, list)) else (res,)
+        if not isinstance(res, (tuple, list)):
+            res = (res,)
         full: list[torch.Tensor | None] = [None] * ctx.num_inputs
         for i, g in zip(grads_for, res):
             full[i] = g

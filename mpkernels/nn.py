@@ -26,6 +26,9 @@ class MPConv(torch.nn.Module):
        and cast to ``x.dtype`` (:func:`mpkernels.mp_weight`);
     3. ``conv2d(x, w, padding=k//2)`` or ``x @ w.T``.
 
+    ``forward(x, weight=w_eff)`` runs step 3 only, with an effective weight the caller computed
+    (the EDM2 network computes all of them with one :func:`mpkernels.mp_weights` call).
+
     Set ``forced_weight_norm = False`` when the trainer normalizes every weight once per
     step itself (one multi-tensor :func:`mpkernels.force_normalize_` call): the forward
     pass is then free of in-place parameter updates, which ``torch.compile`` and CUDA

@@ -165,6 +165,70 @@ def test_matches_the_reference_in_fp32(ext):
                                    msg=lambda m, i=i: f"output {i}: {m}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_lean_eager_path_matches_the_custom_op(ext, device):
+    """Eager calls skip the torch.library machinery (mpkernels._library's lean path): bit for bit
+    the same results and gradients as through the custom ops."""
+    from mpkernels import _library
+    if not hasattr(_library, "lean_path"):
+        pytest.skip("mpkernels._library has no lean path")
+    cases = _cases(device)
+    heads, dtypes = [c[2] for c in cases], [c[3] for c in cases]
+    got = []
+    for lean in (True, False):
+        ws, gains = _leaves(cases)
+        with _library.lean_path(lean), mk.use_backend("cuda", strict=True):
+            outs = mk.mp_weights(ws, gains, EPS, qkv_heads=heads, dtypes=dtypes)
+            assert ("LeanMpWeights" in type(outs[0].grad_fn).__name__) == lean, type(outs[0].grad_fn)
+            sum((o.float() * (i + 1)).square().sum() for i, o in enumerate(outs[1:])).backward()
+        got.append([*outs, *[w.grad for w in ws], *[gn.grad for gn in gains if isinstance(gn, torch.Tensor)]])
+    for i, (a, b) in enumerate(zip(*got)):
+        assert (a is None) == (b is None), f"tensor {i}"
+        assert a is None or torch.equal(a, b), f"tensor {i} differs between the lean path and the custom op"
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU: a real CUDA graph capture")
+def test_cuda_graph_replay_reads_the_current_weights(ext):
+    """Pointers and sizes travel in the kernel parameters (no device table): a captured forward and
+    backward of 100 weights (two launches each way) replays with the weights' and gain's new values."""
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(3 + i % 5, 8 + i % 3, generator=g).cuda().requires_grad_() for i in range(100)]
+    gain = torch.tensor(0.5, device="cuda", requires_grad=True)
+    gains = [gain if i == 7 else 1.0 for i in range(100)]
+
+    def step():
+        outs = mk.mp_weights(ws, gains, EPS, dtypes=torch.bfloat16)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        return outs
+
+    with mk.use_backend("cuda", strict=True):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()  # warm-up: grads allocated outside the graph
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = step()
+        with torch.no_grad():
+            for w in ws:
+                w.mul_(-2.0).add_(0.25)
+                w.grad.zero_()
+            gain.fill_(1.5)
+            gain.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        ws2 = [w.detach().clone().requires_grad_() for w in ws]
+        gain2 = gain.detach().clone().requires_grad_()
+        refs = [mk.mp_weight(w, gain2 if i == 7 else 1.0, EPS).to(torch.bfloat16) for i, w in enumerate(ws2)]
+        torch.autograd.backward(refs, [torch.ones_like(r) for r in refs])
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        _assert_close(o, r, f"replayed output {i}", floor=1e-7)
+        _assert_close(ws[i].grad, ws2[i].grad, f"replayed d weights[{i}]",
+                      floor=1e-5 * ws2[i].grad.abs().max().item())
+    torch.testing.assert_close(gain.grad, gain2.grad, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: the extension names the argument (the public function validates first, see
 # tests/test_mp_weights.py; these reach the extension directly).

@@ -47,8 +47,9 @@ def test_triton_step_at_most_650_launches(step):
     assert acc["ops"] <= 650, f"{acc['ops']} launches; top non-fused ops {list(acc['unfused'].items())[:8]}"
 
 
-@pytest.mark.xfail(strict=True, reason="~40.5 GiB left: the 38 GiB target needs fused gradient accumulation (the ~38 "
-                                       "aten.add of two gradients of one activation) and a lighter residual path")
+@pytest.mark.xfail(strict=True, reason="41.6 GiB: needs force_normalize_ fused into mp_weights' forward (-1.0 GiB), "
+                                       "the 38 autograd gradient sums (aten.add, 1.6 GiB) taken by two-output producer "
+                                       "kernels, and about 1 GiB more")
 def test_triton_step_at_most_38_gib(step):
     acc = step("triton")
     assert acc["GiB"] <= 38.0, f"{acc['GiB']:.2f} GiB; by op {list(acc['GiB_by_op'].items())[:8]}"
@@ -70,11 +71,12 @@ def test_fused_step_is_far_below_the_reference(step):
 
 
 def test_benchmark_accounting_is_the_edm2s_bf16_step_with_targets():
-    acc = M.account_training_step(["reference", "triton"])
+    acc = M.account_training_step(["triton"])
     assert acc["network"] == "preset edm2-img512-s" and acc["batch"] == 32 and acc["dtype"] == "torch.bfloat16"
-    ref, tri = acc["rows"]
-    assert ref["targets"] == [] and [t["what"] for t in tri["targets"]] == ["ops", "GiB"]
+    tri, = acc["rows"]
+    assert [t["what"] for t in tri["targets"]] == ["ops", "GiB"]
     assert all(t["met"] == (t["value"] <= t["target"]) for t in tri["targets"])
+    assert M.accounting_targets({"backend": "reference", "ops": 6000}) == []  # for context only
 
 
 # --- what the network does per training step --------------------------------------------------------

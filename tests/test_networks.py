@@ -300,3 +300,22 @@ def test_eval_weights_are_cached_until_a_parameter_changes(monkeypatch):
         net(x, sigma, labels)
         net(x, sigma, labels)
     assert len(calls) == 8
+
+
+def test_weight_cache_is_bypassed_while_a_cuda_graph_is_captured(monkeypatch):
+    """A captured graph must compute the weights itself: a cached tensor would be a stale constant of it."""
+    net = small_net(seed=13).eval()
+    x, sigma, labels = small_batch()
+    calls = []
+    real = mk.mp_weights
+    monkeypatch.setattr(mk, "mp_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        net(x, sigma, labels)  # warm-up fills the cache
+        monkeypatch.setattr(networks, "_capturing", lambda w: True)
+        net(x, sigma, labels)
+        net(x, sigma, labels)
+        assert len(calls) == 3
+        monkeypatch.setattr(networks, "_capturing", lambda w: False)
+        net(x, sigma, labels)
+        net(x, sigma, labels)
+    assert len(calls) == 4  # the captures computed their own (and dropped the cache); then cached again

@@ -99,6 +99,16 @@ def test_cpu_auto_logs_one_line_and_trains_eagerly(tmp_path, tiny_data):
     assert t.step_mode == "eager" and t._step_runner is None
 
 
+def test_compile_mode_builds_a_compiled_step(tmp_path, tiny_data):
+    t = _trainer(tmp_path, tiny_data, step_mode="compile")
+    t._prepare_step_mode()
+    assert t.step_mode == "compile" and isinstance(t._step_runner, graphs.CompiledStep)
+    assert not any(line.startswith("step mode") for line in t.lines)
+    # Adam's state exists before the first step, laid out as torch.optim.Adam's (checkpoints load either way).
+    p = next(t.net.parameters())
+    assert float(t.optimizer.state[p]["step"]) == 0 and t.optimizer.state[p]["exp_avg"].shape == p.shape
+
+
 def test_step_mode_may_change_on_resume(tmp_path, tiny_data):
     t = _trainer(tmp_path, tiny_data, step_mode="eager", duration=16, checkpoint=8, slice=8)
     try:
@@ -110,6 +120,24 @@ def test_step_mode_may_change_on_resume(tmp_path, tiny_data):
         assert t.run()["cur_nimg"] == 16 and t.resumed_from is not None
     finally:
         t.close()
+
+
+def test_ema_update_with_tensor_weights_is_the_eager_update(tmp_path, tiny_data):
+    """The captured and compiled steps update the EMAs through 0-d float32 weight tensors (a replay
+    reads them); that must equal ``PowerFunctionEMA.update``'s number weights bit for bit."""
+    a = _trainer(tmp_path / "a", tiny_data)
+    b = _trainer(tmp_path / "b", tiny_data)
+    for cur_nimg in (8, 16, 24):
+        for t in (a, b):  # the network moves between updates, as in training
+            with torch.no_grad():
+                for p in t.net.parameters():
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + cur_nimg)))
+        a.ema.update(cur_nimg, 8)
+        weights = [torch.tensor(w, dtype=torch.float32) for w in graphs._ema_weights(b, cur_nimg)]
+        graphs._ema_update_(b, weights)
+    for ema_a, ema_b in zip(a.ema.emas, b.ema.emas):
+        for x, y in zip(ema_a.state_dict().values(), ema_b.state_dict().values()):
+            assert torch.equal(x, y)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +220,8 @@ def test_graph_step_matches_eager_on_gpu(tmp_path, tiny_data, backend):
         torch.cuda.synchronize()
         runs[name] = (t, losses)
     (e, le), (e2, _), (g, lg) = runs["eager"], runs["eager2"], runs["graph"]
-    assert g._step_runner is not None and g._step_runner.graph is not None  # steps 2-4 were replays
+    assert g._step_runner is not None and g._step_runner.graph is not None, g.lines  # steps 2-4: replays
+    assert not any(line.startswith("step mode") for line in g.lines), g.lines
     noise = _max_diff(e.net.parameters(), e2.net.parameters())  # eager vs eager (cuDNN determinism)
     for what, a, b in [("weights", g.net.parameters(), e.net.parameters()),
                        ("EMA", g.ema.emas[0].parameters(), e.ema.emas[0].parameters()),

@@ -200,3 +200,17 @@ def test_ema_update_still_rejects_bad_times():
         ema.update(8, 16)
     with pytest.raises(ValueError, match="t_next"):
         ema.update(0, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark
+
+def test_trainer_overhead_benchmark_runs_both_loops_side_by_side():
+    from benchmarks import trainer_overhead
+    r = trainer_overhead.measure(preset="tiny", kimg=0.128, batch=16, network=SMALL_NET, snapshot=1024,
+                                 checkpoint=1024, status=64)
+    assert r["steps"] == 8 and r["images"] == 128 and r["batch"] == 16
+    for key in ("trainer_s_per_kimg", "bare_s_per_kimg", "trainer_median_step_s_per_kimg",
+                "bare_median_step_s_per_kimg", "ratio_total", "ratio_median_step", "ratio_median_pair"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    assert r["maintenance_s"] >= 0

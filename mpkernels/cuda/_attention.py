@@ -47,7 +47,6 @@ from .._library import is_dense, kernel_op
 from . import _ok  # mpkernels.cuda imports this module last, after defining it
 
 EPS = 1e-4  # normalize()'s default (spec §1)
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_NUMEL = 2 ** 31 - 1
 
 

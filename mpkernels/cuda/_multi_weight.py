@@ -25,13 +25,15 @@ on the meta device counts what a GPU launches: ``mpkernels::cuda_mp_weights`` (f
 says which, -1 for a number), so that autograd gives each its gradient. The output dtype is a
 code (0 = float32, 1 = float16, 2 = bfloat16). The fake functions allocate as
 ``csrc/multi_weight_bindings.cpp`` does: the weight's layout when each row is one contiguous
-block, else contiguous.
+block, else contiguous. Eager calls on plain tensors skip the custom-op machinery (see
+:class:`_LeanMpWeights`) exactly where :mod:`mpkernels._library`'s lean path does.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import _library
 from .._dispatch import register
 from .._library import is_dense, kernel_op
 
@@ -107,12 +109,55 @@ def _backward_fn(ctx, grads, _grad_rms):
     weights, gains = list(saved[:n]), list(saved[n:])
     gain_index, gain_values, eps, qkv_heads, dtype = ctx.args
     grads = [g if g is None or is_dense(g) else g.contiguous() for g in grads]
-    gw, partial = _backward(grads, weights, gains, gain_index, gain_values, rms, eps, qkv_heads, dtype)
-    ggains = _gain_grads(partial, weights, gains, gain_index) if gains else []
+    if _lean([*weights, *gains, rms]):  # eager: the ops' implementations, without the dispatcher
+        ext = _ext()
+        gw, partial = ext.mp_weights_bwd(grads, weights, gains, gain_index, gain_values, rms, eps, qkv_heads,
+                                         [dtype] * n)
+        ggains = ext.mp_weights_gain_grads(partial, weights, gains, gain_index) if gains else []
+    else:
+        gw, partial = _backward(grads, weights, gains, gain_index, gain_values, rms, eps, qkv_heads, dtype)
+        ggains = _gain_grads(partial, weights, gains, gain_index) if gains else []
     return list(gw), list(ggains), None, None, None, None, None
 
 
 _forward.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+class _LeanMpWeights(torch.autograd.Function):
+    """The forward op's autograd as a plain ``autograd.Function`` for eager calls: same extension
+    calls, same ``_setup_context`` and ``_backward_fn``, without the ``torch.library`` machinery
+    for ``Tensor[]`` arguments (pytree flattening, dispatcher: 3-5 µs per weight on CPU here)."""
+
+    @staticmethod
+    def forward(ctx, args, *tensors):
+        gain_index, gain_values, eps, qkv, dtype = args
+        n = len(gain_index)
+        inputs = (list(tensors[:n]), list(tensors[n:]), gain_index, gain_values, eps, qkv, dtype)
+        outs, rms = _ext().mp_weights_fwd(*inputs[:6], [dtype] * n)
+        _setup_context(ctx, inputs, (outs, rms))
+        return (*outs, rms)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        gw, ggains = _backward_fn(ctx, list(grads[:-1]), grads[-1])[:2]
+        n_gains = len(ctx.saved_tensors) - 1 - ctx.num_weights
+        return (None, *(gw if gw is not None else [None] * ctx.num_weights),
+                *(ggains if ggains is not None else [None] * n_gains))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _lean(tensors) -> bool:
+    """Eager call on plain CPU / CUDA tensors with nothing intercepting ops: the lean path gives what
+    the custom op gives (the rules of mpkernels._library's lean path; never while tracing, under a
+    dispatch or function mode, or on the meta device, so compile and launch accounting see the ops)."""
+    if torch.compiler.is_compiling():  # first: Dynamo folds it (and cannot trace the checks below)
+        return False
+    intercepted = getattr(_library, "_intercepted", None)
+    if intercepted is None or not getattr(_library, "_LEAN", [False])[0] or intercepted():
+        return False
+    return all(type(t) in _PLAIN and not t.is_meta for t in tensors)
 
 
 def mp_weights(weights, gains, eps, qkv_heads, dtypes):
@@ -136,8 +181,14 @@ def mp_weights(weights, gains, eps, qkv_heads, dtypes):
                 gain_index.append(-1)
                 gain_values.append(float(g))
         qkv = [0 if qkv_heads[i] is None else int(qkv_heads[i]) for i in idx]
-        res, _ = _forward([weights[i] for i in idx], tensor_gains, gain_index, gain_values, float(eps), qkv,
-                          _CODES[dtype])
+        ws = [weights[i] for i in idx]
+        args = (gain_index, gain_values, float(eps), qkv, _CODES[dtype])
+        if not _lean(ws + tensor_gains):
+            res = _forward(ws, tensor_gains, *args)[0]
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in ws + tensor_gains):
+            res = _LeanMpWeights.apply(args, *ws, *tensor_gains)[:-1]
+        else:
+            res = _ext().mp_weights_fwd(ws, tensor_gains, *args[:4], [args[4]] * len(ws))[0]
         for i, r in zip(idx, res):
             out[i] = r
     return out

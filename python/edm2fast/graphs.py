@@ -8,15 +8,17 @@ Step modes (``--step-mode``, ``TrainConfig.step_mode``):
   and EMA blend weights reach the graph through static device tensors filled before each replay;
   the loss's generator and the global one (dropout) are registered with the graph, so a replay
   draws the numbers the eager step draws after the same seeding. The kernels are the eager
-  step's (fused Adam reading its learning rate from a tensor), so the weights follow the eager
-  run bit for bit, up to the learning rate being rounded to float32 once instead of inside the
-  Adam kernel (tested on a GPU; see tests/test_step_capture.py).
+  step's (fused Adam reading its learning rate from a float32 tensor; the trainer rounds the eager
+  learning rate to float32 on CUDA too), so the weights follow the eager run bit for bit
+  (tests/test_step_capture.py checks it on a GPU). Warm-up: the first steps run eagerly on a side
+  stream, then one is captured; a step that cannot be captured or replayed falls back to eager.
 * ``'compile'``: one ``torch.compile(fullgraph=True)`` region holding the whole step: gradients
   through ``torch.autograd.grad`` (``torch._dynamo.config.trace_autograd_ops``; ``Tensor.backward``
   and ``torch.optim`` ``step`` graph-break on torch 2.11 and 2.14), Adam written out with the
   eager optimizer's operations on its own state tensors, and the noise drawn by the eager code
   outside the region with the loss's generator. Inductor reorders floating-point work, so the
-  weights match the eager step within float32 rounding (``aot_eager`` gives the eager kernels).
+  weights match the eager step within float32 rounding (1e-6 after two steps on the CPU, with
+  Inductor and with ``aot_eager``, whose AOT-autograd decompositions round differently too).
   On CUDA it uses ``mode='reduce-overhead'`` (Inductor's CUDA graphs).
 * ``'auto'``: ``'graph'`` on CUDA when it is safe (one process, one accumulation round, the network
   not compiled separately), else ``'eager'``; the reason for eager is logged once.
@@ -176,7 +178,8 @@ class GraphedStep:
         graph.register_generator_state(self.generator)
         torch.cuda.synchronize(self.device)
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: a DataLoader's pin-memory thread may keep using CUDA during the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 mk.force_normalize_(t._mpconv_weights)  # paper Eq. 66
                 loss = t.loss_fn(t._forward, self.images, self.labels, generator=self.generator)
                 (loss.sum() * scale).backward()
@@ -201,14 +204,23 @@ class GraphedStep:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                loss_sum, count = t._eager_step(lr)
+                loss_sum, count = t._eager_step()
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.warm_steps += 1
             return loss_sum, count, t._last_loss_sq
+        images, labels = self._inputs(seed)
         if self.graph is None:
-            images, labels = self._inputs(seed)
-            self._capture(images, labels)
-        images, labels = self._inputs(seed)  # after the capture, which leaves the generators as they were
+            # Capturing launches nothing; put both generators back where the eager step would have them.
+            states = self.generator.get_state(), torch.cuda.get_rng_state(self.device)
+            try:
+                self._capture(images, labels)
+            except Exception as e:  # an op that cannot be captured: train on eagerly
+                t.log(f"step mode: eager from {t.cur_nimg} images on: the step could not be captured "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                return None
+            finally:
+                self.generator.set_state(states[0])
+                torch.cuda.set_rng_state(states[1], self.device)
         if (images.shape != self.images.shape or images.dtype != self.images.dtype
                 or (labels is None) != (self.labels is None)
                 or (labels is not None and (labels.shape != self.labels.shape or labels.dtype != self.labels.dtype))):

@@ -56,7 +56,8 @@ class Block(torch.nn.Module):
 
     def mp_layers(self):
         """``(name, MPConv, gain, qkv_heads, on_emb)`` of every MPConv, for :func:`effective_weights`."""
-        layers = [("conv_res0", self.conv_res0, 1, None, False), ("emb_linear", self.emb_linear, self.emb_gain, None, True),
+        layers = [("conv_res0", self.conv_res0, 1, None, False),
+                  ("emb_linear", self.emb_linear, self.emb_gain, None, True),
                   ("conv_res1", self.conv_res1, 1, None, False)]
         if self.conv_skip is not None:
             layers.append(("conv_skip", self.conv_skip, 1, None, False))
@@ -234,8 +235,9 @@ def effective_weights(owner: torch.nn.Module, layers) -> dict:
     of them at once, with one :func:`mpkernels.force_normalize_` call (the same update each MPConv
     would make). In eval mode without autograd the result is cached on ``owner`` and reused
     while no parameter changed (same tensors, same ``_version``): the sampler evaluates the
-    network many times with the same weights. In-place writes through ``param.data`` bypass the
-    version counter; call :func:`clear_weight_cache` after them.
+    network many times with the same weights. Never while compiling or capturing a CUDA graph.
+    In-place writes through ``param.data`` bypass the version counter; call
+    :func:`clear_weight_cache` after them.
     """
     forced = [conv.weight for _, conv, *_ in layers if conv.training and conv.forced_weight_norm]
     if forced:
@@ -243,7 +245,8 @@ def effective_weights(owner: torch.nn.Module, layers) -> dict:
             mk.force_normalize_(forced)
     compiling = torch.compiler.is_compiling()
     key = None
-    if not compiling and not owner.training and not torch.is_grad_enabled():
+    cacheable = not (compiling or owner.training or torch.is_grad_enabled() or _capturing(layers[0][1].weight))
+    if cacheable:
         key = _weight_key(layers)
         cached = owner.__dict__.get("_mp_weight_cache")
         if cached is not None and cached[0] == key:
@@ -254,6 +257,12 @@ def effective_weights(owner: torch.nn.Module, layers) -> dict:
     if not compiling:  # a plain attribute: not a buffer, never in the state dict
         owner.__dict__["_mp_weight_cache"] = None if key is None else (key, weights)
     return weights
+
+
+def _capturing(w: torch.Tensor) -> bool:
+    """A CUDA graph is being captured: the graph must compute the weights itself (a cached tensor
+    would be a constant of the graph, stale once the parameters change in place)."""
+    return w.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _weight_key(layers) -> tuple:

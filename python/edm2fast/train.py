@@ -780,10 +780,10 @@ class Trainer:
                 return loss_sum, count
             runner.release()
             self._step_runner, self.step_mode = None, "eager"
-        return self._eager_step(lr)
+        return self._eager_step()
 
-    def _eager_step(self, lr: float) -> tuple[torch.Tensor, int]:
-        """The step of :meth:`step` op by op, with the learning rate ``lr`` already set."""
+    def _eager_step(self) -> tuple[torch.Tensor, int]:
+        """The step of :meth:`step` op by op, the learning rate already set."""
         cfg = self.cfg
         mk.force_normalize_(self._mpconv_weights)  # forced weight normalization (paper Eq. 66)
         loss_sum, count, self._last_loss_sq = self.accumulate_gradients()

@@ -1,0 +1,229 @@
+"""CPU model-level speed (issue 10): training step and sampler per variant, interleaved, with ratios.
+
+The same training step as :func:`benchmarks.model.train_step` (forced weight normalization,
+forward, backward, force-finite gradients, Adam, power-function EMA), for the variants
+
+* ``reference``: the reference ops, forced weight normalization inside every MPConv forward, eager;
+* ``reference+compile``: the reference network under ``torch.compile``, one ``force_normalize_`` per step;
+* ``<backend>``: a fused backend (on CPU, ``cuda`` is the extension's C++ CPU twins), eager;
+* ``<backend>+compile``: the network under ``torch.compile`` with the fused backend active;
+
+at two settings of the small network (:data:`benchmarks.cases.SMALL_CONFIG`, 16x16): the default
+CPU batch (2, host-bound) and batch 32 (compute-bound). Every variant is built first, then the
+variants are timed in turns (``--rounds`` rounds of ``--reps`` steps each), so that a machine
+shared with other work slows them all alike; the table gives medians over all steps and each
+variant's speed-up over ``reference`` and ``reference+compile``. The sampler (Heun, ``--sampler-steps``
+steps) is timed the same way for ``reference`` and each fused backend.
+
+``--profile VARIANT`` prints, instead, where one variant's step time goes: the torch profiler's
+table grouped by op (with shapes) and the top Python functions under cProfile.
+
+Usage: ``python -m benchmarks.cpu_speed [--batches 2 32] [--variants ...] [--profile cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import torch
+
+import mpkernels as mk
+
+from . import cases as C
+from . import model as M
+
+# The issue's CPU targets: the fused step's speed-up over each reference variant, and the sampler's.
+TARGETS = {"reference": 1.5, "reference+compile": 1.1}
+SAMPLER_TARGET = 1.5
+
+
+def _backend(variant: str) -> str:
+    return variant.split("+")[0]
+
+
+def make_train_step(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch.device, variant: str):
+    """The step closure of :func:`benchmarks.model.train_step` for ``variant`` (built, not yet run)."""
+    from edm2fast.loss import EDM2Loss
+    from edm2fast.networks import forced_norm_weights, set_forced_weight_norm
+    from edm2fast.phema import PowerFunctionEMA
+
+    backend, compiled = _backend(variant), variant.endswith("+compile")
+    net = M._build(net_kwargs, dtype, device).train()
+    forced_inside = variant == "reference"  # the authors' way: normalization inside every forward
+    if not forced_inside:
+        set_forced_weight_norm(net, False)
+    model = torch.compile(net) if compiled else net
+    ema = PowerFunctionEMA(net, stds=(0.05, 0.10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), fused=device.type == "cuda")
+    loss_fn = EDM2Loss()
+    x, labels = M._batch(net, batch, device)
+    weights = forced_norm_weights(net)
+    state = {"nimg": 0}
+
+    def step():
+        with mk.use_backend(backend):
+            if not forced_inside:
+                mk.force_normalize_(weights)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, x, labels).sum() / batch
+            loss.backward()
+            for p in net.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+            opt.step()
+            state["nimg"] += batch
+            ema.update(state["nimg"], batch)
+
+    return step
+
+
+def make_sampler(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch.device, backend: str,
+                 num_steps: int):
+    """The run closure of :func:`benchmarks.model.sampling` for ``backend``."""
+    from edm2fast.sampler import edm_sampler
+
+    net = M._build(net_kwargs, dtype, device).eval()
+    x, labels = M._batch(net, batch, device)
+
+    def run():
+        with torch.no_grad(), mk.use_backend(backend):
+            edm_sampler(net, x, labels, num_steps=num_steps)
+
+    return run
+
+
+def interleaved(fns: dict, rounds: int, reps: int, warmup: int = 2) -> dict:
+    """``{name: {'median_ms', 'p20_ms', 'p80_ms', 'n'}}``: every fn run ``rounds x reps`` times, in turns."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[1], "p80_ms": q[7], "n": len(ts)}
+    return out
+
+
+def with_ratios(results: dict) -> list[dict]:
+    """Rows with each variant's speed-up over the reference variants (and whether a fused one meets
+    the issue's target)."""
+    rows = []
+    for name, r in results.items():
+        row = {"variant": name, **r}
+        for ref, target in TARGETS.items():
+            if ref in results:
+                ratio = results[ref]["median_ms"] / r["median_ms"]
+                row[f"x_{ref}"] = ratio
+                if not name.startswith("reference"):
+                    row[f"met_{ref}"] = ratio >= target
+        rows.append(row)
+    return rows
+
+
+def train_table(net_kwargs: dict, batch: int, variants, dtype=torch.float32, device=torch.device("cpu"),
+                rounds: int = 5, reps: int = 4) -> list[dict]:
+    steps = {v: make_train_step(net_kwargs, batch, dtype, device, v) for v in variants}
+    return with_ratios(interleaved(steps, rounds, reps))
+
+
+def sampler_table(net_kwargs: dict, batch: int, backends, num_steps: int, dtype=torch.float32,
+                  device=torch.device("cpu"), rounds: int = 3, reps: int = 1) -> list[dict]:
+    runs = {b: make_sampler(net_kwargs, batch, dtype, device, b, num_steps) for b in backends}
+    res = interleaved(runs, rounds, reps, warmup=1)
+    rows = []
+    for name, r in res.items():
+        row = {"backend": name, **r}
+        if "reference" in res:
+            row["x_reference"] = res["reference"]["median_ms"] / r["median_ms"]
+            if name != "reference":
+                row["met_reference"] = row["x_reference"] >= SAMPLER_TARGET
+        rows.append(row)
+    return rows
+
+
+def profile(net_kwargs: dict, batch: int, variant: str, steps: int = 5, top: int = 25) -> str:
+    """Where ``variant``'s step time goes: torch profiler by op (self CPU time) and cProfile."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    step = make_train_step(net_kwargs, batch, torch.float32, torch.device("cpu"), variant)
+    for _ in range(3):
+        step()
+    with tprofile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    out = [f"== torch.profiler, {variant}, batch {batch}, {steps} steps (self CPU time) =="]
+    out.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    out.append(f"== by op and shape, {variant}, batch {batch} ==")
+    out.append(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=top))
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        step()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
+    out.append(f"== cProfile, {variant}, batch {batch}, {steps} steps (tottime) ==")
+    out.append(s.getvalue())
+    return "\n".join(out)
+
+
+def _print_train(batch: int, rows: list[dict]) -> None:
+    print(f"\ntraining step, small network (16x16), batch {batch}, fp32, CPU ({torch.get_num_threads()} threads)")
+    print(f"{'variant':<20} {'ms/step':>9} {'p20':>8} {'p80':>8} {'x ref':>7} {'x ref+compile':>14}")
+    for r in rows:
+        flags = "".join(" (target met)" if r.get(f"met_{k}") else (" (target missed)" if f"met_{k}" in r else "")
+                        for k in ("reference",))
+        print(f"{r['variant']:<20} {r['median_ms']:9.2f} {r['p20_ms']:8.2f} {r['p80_ms']:8.2f} "
+              f"{r.get('x_reference', float('nan')):7.2f} {r.get('x_reference+compile', float('nan')):14.2f}"
+              + flags)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=int, nargs="+", default=[2, 32])
+    p.add_argument("--variants", nargs="+", default=["reference", "reference+compile", "cuda", "cuda+compile"])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--sampler-steps", type=int, default=8, help="Heun steps (0: no sampler table)")
+    p.add_argument("--sampler-batch", type=int, default=2)
+    p.add_argument("--profile", metavar="VARIANT", help="profile one variant instead of timing")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's; 1 is steadier on a machine shared with other work)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net_kwargs = dict(C.SMALL_CONFIG)
+    if args.profile:
+        for b in args.batches:
+            print(profile(net_kwargs, b, args.profile))
+        return {}
+    report = {"train_step": {}, "sampling": None}
+    for b in args.batches:
+        rows = train_table(net_kwargs, b, args.variants, rounds=args.rounds, reps=args.reps)
+        report["train_step"][b] = rows
+        _print_train(b, rows)
+    if args.sampler_steps:
+        backends = ["reference"] + sorted({_backend(v) for v in args.variants} - {"reference"})
+        rows = sampler_table(net_kwargs, args.sampler_batch, backends, args.sampler_steps)
+        report["sampling"] = rows
+        print(f"\nsampler, {args.sampler_steps} Heun steps, batch {args.sampler_batch}")
+        for r in rows:
+            print(f"{r['backend']:<20} {r['median_ms']:9.2f} ms  x ref {r.get('x_reference', float('nan')):5.2f}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
