@@ -102,6 +102,27 @@ def _recording(calls: list):
         mkw.dispatch = real
 
 
+@contextlib.contextmanager
+def _recording_layers(calls: list):
+    """Also record each MPConv that runs on a precomputed effective weight (the network computes
+    them all with one ``mp_weights`` call) as the ``mp_conv2d`` / ``mp_linear`` call it stands for,
+    so the single-layer ops stay benchmarked at the network's shapes."""
+    from mpkernels.nn import MPConv
+    real = MPConv.forward
+
+    def forward(self, x, gain=1, *, qkv_heads=None, weight=None):
+        if weight is not None:
+            op = "mp_conv2d" if self.weight.ndim == 4 else "mp_linear"
+            calls.append((op, (x, self.weight.detach(), 1.0), ()))
+        return real(self, x, gain, qkv_heads=qkv_heads, weight=weight)
+
+    MPConv.forward = forward
+    try:
+        yield
+    finally:
+        MPConv.forward = real
+
+
 def _role(t: torch.Tensor) -> str:
     # The network is recorded with an fp16 U-Net: fp16 tensors are activations (they take the
     # benchmark's compute dtype); fp32 ones (weights, embeddings, noise levels) stay fp32.
@@ -130,7 +151,7 @@ def record_network_calls(net_kwargs: dict, batch: int) -> list[Spec]:
     sigma = torch.empty(batch, device="meta")
     labels = torch.empty(batch, net.label_dim, device="meta") if net.label_dim else None
     calls: list = []
-    with _recording(calls), mk.use_backend("reference"), torch.no_grad():
+    with _recording(calls), _recording_layers(calls), mk.use_backend("reference"), torch.no_grad():
         net(x, sigma, labels, return_logvar=True)
     specs: dict = {}
     for op, args, kwargs in calls:
@@ -159,6 +180,12 @@ def network_specs(net_kwargs: dict, batch: int) -> list[Spec]:
             extra.append(Spec("normalize", (s.args[0], (1,), s.args[1]), s.count))
         if s.op in ("mp_conv2d", "mp_linear"):
             extra.append(Spec("mp_weight", (s.args[1], s.args[2], 1e-4), s.count, kwargs=s.kwargs))
+        if s.op == "mp_cat_mp_silu":  # its two parts, as public ops of their own
+            a, b, dim, t = s.args
+            out = list(a[1])
+            out[dim] += b[1][dim]
+            extra.append(Spec("mp_cat", s.args, s.count))
+            extra.append(Spec("mp_silu", (("T", tuple(out), a[2]),), s.count))
         if s.op == "mp_weights":  # the single-weight op at every weight shape the network has
             (_, shapes), (_, gains), eps, (_, heads) = s.args[:4]
             for shape, gain, qkv in zip(shapes, gains, heads):

@@ -18,7 +18,12 @@ steps) is timed the same way for ``reference`` and each fused backend.
 ``--profile VARIANT`` prints, instead, where one variant's step time goes: the torch profiler's
 table grouped by op (with shapes) and the top Python functions under cProfile.
 
-Usage: ``python -m benchmarks.cpu_speed [--batches 2 32] [--variants ...] [--profile cuda]``.
+``--breakdown`` prints each variant's self CPU time per step by group (convolutions, attention,
+mpkernels ops, optimizer, rest) and the ceiling that the library kernels (convolutions and
+attention, the same calls in every variant) put on the speed-up over ``reference``.
+
+Usage: ``python -m benchmarks.cpu_speed [--batches 2 32] [--variants ...] [--threads 1]
+[--profile cuda | --breakdown]``.
 """
 
 from __future__ import annotations
@@ -43,23 +48,39 @@ SAMPLER_TARGET = 1.5
 
 
 def _backend(variant: str) -> str:
-    return variant.split("+")[0]
+    """``variant``'s backend; ValueError for anything but ``<backend>`` or ``<backend>+compile``."""
+    if not isinstance(variant, str):
+        raise TypeError(f"variant: expected a string, got {type(variant).__name__}")
+    backend, *flags = variant.split("+")
+    if any(f not in ("compile", "cl") for f in flags) or len(set(flags)) != len(flags) or \
+            backend not in mk.registered_backends():
+        raise ValueError(f"variant: expected '<backend>' with optional '+cl' (channels_last) and '+compile', a "
+                         f"backend in {mk.registered_backends()}, got {variant!r}")
+    return backend
 
 
-def make_train_step(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch.device, variant: str):
-    """The step closure of :func:`benchmarks.model.train_step` for ``variant`` (built, not yet run)."""
+def make_train_step(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch.device, variant: str,
+                    fused_adam: bool | None = None):
+    """The step closure of :func:`benchmarks.model.train_step` for ``variant`` (built, not yet run).
+
+    ``fused_adam``: Adam's ``fused`` flag (default, like train_step: on CUDA only). On the CPU,
+    torch's fused Adam takes a tenth of the time of the default per-tensor loop; it is the same for
+    every variant."""
     from edm2fast.loss import EDM2Loss
     from edm2fast.networks import forced_norm_weights, set_forced_weight_norm
     from edm2fast.phema import PowerFunctionEMA
 
-    backend, compiled = _backend(variant), variant.endswith("+compile")
+    backend, compiled = _backend(variant), "+compile" in variant
+    if "+cl" in variant:  # the U-Net in channels_last (Precond(channels_last=True)): faster convolutions
+        net_kwargs = {**net_kwargs, "channels_last": True}
     net = M._build(net_kwargs, dtype, device).train()
     forced_inside = variant == "reference"  # the authors' way: normalization inside every forward
     if not forced_inside:
         set_forced_weight_norm(net, False)
     model = torch.compile(net) if compiled else net
     ema = PowerFunctionEMA(net, stds=(0.05, 0.10))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), fused=device.type == "cuda")
+    fused = True if fused_adam is None else fused_adam
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), fused=fused)
     loss_fn = EDM2Loss()
     x, labels = M._batch(net, batch, device)
     weights = forced_norm_weights(net)
@@ -133,8 +154,8 @@ def with_ratios(results: dict) -> list[dict]:
 
 
 def train_table(net_kwargs: dict, batch: int, variants, dtype=torch.float32, device=torch.device("cpu"),
-                rounds: int = 5, reps: int = 4) -> list[dict]:
-    steps = {v: make_train_step(net_kwargs, batch, dtype, device, v) for v in variants}
+                rounds: int = 5, reps: int = 4, fused_adam: bool | None = None) -> list[dict]:
+    steps = {v: make_train_step(net_kwargs, batch, dtype, device, v, fused_adam) for v in variants}
     return with_ratios(interleaved(steps, rounds, reps))
 
 
@@ -180,12 +201,56 @@ def profile(net_kwargs: dict, batch: int, variant: str, steps: int = 5, top: int
     return "\n".join(out)
 
 
-def _print_train(batch: int, rows: list[dict]) -> None:
-    print(f"\ntraining step, small network (16x16), batch {batch}, fp32, CPU ({torch.get_num_threads()} threads)")
+# Self-CPU-time groups of :func:`breakdown` (first match wins). Library kernels are the same calls in
+# every variant: what they take bounds the speed-up any fusion of the rest can give.
+_GROUPS = (("convolution", ("conv",)), ("attention", ("attention", "aten::bmm", "softmax")),
+           ("mpkernels ops", ("Lean", "mpkernels", "MpWeights")),
+           ("optimizer", ()))
+
+
+def breakdown(net_kwargs: dict, batch: int, variants, steps: int = 3) -> list[dict]:
+    """Per variant: ms per step of self CPU time (torch profiler) in each of :data:`_GROUPS` and the
+    rest, and ``ceiling_x_reference``: the speed-up over ``reference`` a variant would reach if
+    everything but its convolutions and attention took no time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    rows = []
+    for v in variants:
+        step = make_train_step(net_kwargs, batch, torch.float32, torch.device("cpu"), v)
+        for _ in range(2):
+            step()
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        row = {"variant": v, **{g: 0.0 for g, _ in _GROUPS}, "rest": 0.0}
+        for e in prof.key_averages():
+            ms = e.self_cpu_time_total / 1e3 / steps
+            if e.key.startswith("Optimizer.step"):
+                # the whole optimizer step; its element-wise children (addcdiv_, lerp_, ...) would
+                # otherwise land in "rest"
+                inner = (e.cpu_time_total - e.self_cpu_time_total) / 1e3 / steps
+                row["optimizer"] += ms + inner
+                row["rest"] -= inner
+                continue
+            group = next((g for g, keys in _GROUPS if any(k in e.key for k in keys)), "rest")
+            row[group] += ms
+        row["total"] = sum(row[g] for g, _ in _GROUPS) + row["rest"]
+        rows.append(row)
+    ref = next((r["total"] for r in rows if r["variant"] == "reference"), None)
+    for r in rows:
+        if ref is not None:
+            r["ceiling_x_reference"] = ref / max(1e-9, r["convolution"] + r["attention"])
+    return rows
+
+
+def _print_train(batch: int, rows: list[dict], fused_adam: bool = False) -> None:
+    print(f"\ntraining step, small network (16x16), batch {batch}, fp32, CPU ({torch.get_num_threads()} threads)"
+          + (", fused Adam" if fused_adam else ""))
     print(f"{'variant':<20} {'ms/step':>9} {'p20':>8} {'p80':>8} {'x ref':>7} {'x ref+compile':>14}")
     for r in rows:
-        flags = "".join(" (target met)" if r.get(f"met_{k}") else (" (target missed)" if f"met_{k}" in r else "")
-                        for k in ("reference",))
+        met = [f"x{TARGETS[k]} over {k}: {'met' if r[f'met_{k}'] else 'missed'}" for k in TARGETS if f"met_{k}" in r]
+        flags = f"  ({'; '.join(met)})" if met else ""
         print(f"{r['variant']:<20} {r['median_ms']:9.2f} {r['p20_ms']:8.2f} {r['p80_ms']:8.2f} "
               f"{r.get('x_reference', float('nan')):7.2f} {r.get('x_reference+compile', float('nan')):14.2f}"
               + flags)
@@ -200,6 +265,9 @@ def main(argv=None) -> dict:
     p.add_argument("--sampler-steps", type=int, default=8, help="Heun steps (0: no sampler table)")
     p.add_argument("--sampler-batch", type=int, default=2)
     p.add_argument("--profile", metavar="VARIANT", help="profile one variant instead of timing")
+    p.add_argument("--fused-adam", action="store_true", help="torch's fused Adam in every variant")
+    p.add_argument("--breakdown", action="store_true",
+                   help="where each variant's step time goes (profiled; not a timing run)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; 1 is steadier on a machine shared with other work)")
     args = p.parse_args(argv)
@@ -210,11 +278,23 @@ def main(argv=None) -> dict:
         for b in args.batches:
             print(profile(net_kwargs, b, args.profile))
         return {}
+    if args.breakdown:
+        out = {}
+        for b in args.batches:
+            out[b] = rows = breakdown(net_kwargs, b, args.variants)
+            cols = [g for g, _ in _GROUPS] + ["rest", "total"]
+            print(f"\nself CPU ms per step by group, batch {b} (torch profiler; its overhead included)")
+            print(f"{'variant':<20}" + "".join(f"{c:>15}" for c in cols) + f"{'ceiling x ref':>15}")
+            for r in rows:
+                print(f"{r['variant']:<20}" + "".join(f"{r[c]:15.1f}" for c in cols)
+                      + f"{r.get('ceiling_x_reference', float('nan')):15.2f}")
+        return out
     report = {"train_step": {}, "sampling": None}
     for b in args.batches:
-        rows = train_table(net_kwargs, b, args.variants, rounds=args.rounds, reps=args.reps)
+        rows = train_table(net_kwargs, b, args.variants, rounds=args.rounds, reps=args.reps,
+                           fused_adam=args.fused_adam or None)
         report["train_step"][b] = rows
-        _print_train(b, rows)
+        _print_train(b, rows, args.fused_adam)
     if args.sampler_steps:
         backends = ["reference"] + sorted({_backend(v) for v in args.variants} - {"reference"})
         rows = sampler_table(net_kwargs, args.sampler_batch, backends, args.sampler_steps)

@@ -37,7 +37,13 @@ struct HeadsStrides {
                   float ca, float cb __VA_ARGS__);                                                     \
   /* ga[m] = g[m, :Ka] * ca, gb[m] = g[m, Ka:] * cb */                                                 \
   void mp_cat_bwd(DType dt, int64_t M, int64_t Ka, int64_t Kb, const void* g, void* ga, void* gb,      \
-                  float ca, float cb __VA_ARGS__);
+                  float ca, float cb __VA_ARGS__);                                                     \
+  /* mp_cat_mp_silu: x as mp_cat_fwd (rounded to dt), y = mp_silu(x) of that rounded x */             \
+  void mp_cat_silu_fwd(DType dt, int64_t M, int64_t Ka, int64_t Kb, const void* a, const void* b,      \
+                       void* x, void* y, float ca, float cb __VA_ARGS__);                              \
+  /* g = gx + gy * mp_silu'(x) in fp32 (gx or gy may be null: absent), then split as mp_cat_bwd */     \
+  void mp_cat_silu_bwd(DType dt, int64_t M, int64_t Ka, int64_t Kb, const void* gx, const void* gy,    \
+                       const void* x, void* ga, void* gb, float ca, float cb __VA_ARGS__);
 
 namespace cpu {
 MPK_DECLARE_ATTENTION_CAT_LAUNCHERS()

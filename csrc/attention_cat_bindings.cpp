@@ -9,6 +9,7 @@
 #endif
 
 #include <cmath>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -202,6 +203,53 @@ std::vector<Tensor> mp_cat_bwd(const Tensor& g_in, int64_t ka, double ca, double
   return {ga, gb};
 }
 
+// mp_cat_mp_silu forward: x [M, Ka + Kb] as mp_cat_fwd and y = mp_silu(x), both contiguous.
+std::vector<Tensor> mp_cat_silu_fwd(const Tensor& a_in, const Tensor& b_in, double ca, double cb) {
+  check_tensor(a_in, "a", 2);
+  check_tensor(b_in, "b", 2);
+  check_like(b_in, "b", a_in, "a");
+  TORCH_CHECK_VALUE(b_in.size(0) == a_in.size(0), "b: has ", b_in.size(0), " rows but a has ", a_in.size(0));
+  check_cat_scale(ca, "ca");
+  check_cat_scale(cb, "cb");
+  const Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t M = a.size(0), Ka = a.size(1), Kb = b.size(1);
+  TORCH_CHECK_VALUE(M * (Ka + Kb) <= kMaxNumel, "a, b: the result has ", M * (Ka + Kb),
+                    " elements; the mpkernels extension handles at most 2^31 - 1 per tensor");
+  Tensor x = at::empty({M, Ka + Kb}, a.options()), y = at::empty({M, Ka + Kb}, a.options());
+  MPK_AC_LAUNCH(a, mp_cat_silu_fwd, dtype_of(a, "a"), M, Ka, Kb, a.data_ptr(), b.data_ptr(), x.data_ptr(),
+                y.data_ptr(), static_cast<float>(ca), static_cast<float>(cb));
+  return {x, y};
+}
+
+// mp_cat_mp_silu backward: (da, db) from the gradients of x and y (either may be None) and the
+// saved x; neither given: zeros.
+std::vector<Tensor> mp_cat_silu_bwd(const std::optional<Tensor>& gx_in, const std::optional<Tensor>& gy_in,
+                                    const Tensor& x_in, int64_t ka, double ca, double cb) {
+  check_tensor(x_in, "x", 2);
+  TORCH_CHECK_VALUE(ka >= 0 && ka <= x_in.size(1), "ka: must be in [0, ", x_in.size(1), "], got ", ka);
+  check_cat_scale(ca, "ca");
+  check_cat_scale(cb, "cb");
+  const Tensor x = x_in.contiguous();
+  Tensor g[2];
+  const std::optional<Tensor>* given[2] = {&gx_in, &gy_in};
+  const char* names[2] = {"grad_x", "grad_y"};
+  for (int i = 0; i < 2; ++i) {
+    if (!given[i]->has_value() || !given[i]->value().defined()) continue;
+    const Tensor& t = given[i]->value();
+    check_tensor(t, names[i], 2);
+    check_like(t, names[i], x, "x");
+    TORCH_CHECK_VALUE(t.sizes() == x.sizes(), names[i], ": shape ", t.sizes(), " does not match x's ", x.sizes());
+    g[i] = t.contiguous();
+  }
+  const int64_t M = x.size(0), kb = x.size(1) - ka;
+  if (!g[0].defined() && !g[1].defined()) return {at::zeros({M, ka}, x.options()), at::zeros({M, kb}, x.options())};
+  Tensor ga = at::empty({M, ka}, x.options()), gb = at::empty({M, kb}, x.options());
+  MPK_AC_LAUNCH(x, mp_cat_silu_bwd, dtype_of(x, "x"), M, ka, kb, g[0].defined() ? g[0].data_ptr() : nullptr,
+                g[1].defined() ? g[1].data_ptr() : nullptr, x.data_ptr(), ga.data_ptr(), gb.data_ptr(),
+                static_cast<float>(ca), static_cast<float>(cb));
+  return {ga, gb};
+}
+
 }  // namespace
 
 void register_attention_cat(pybind11::module& m) {
@@ -212,4 +260,8 @@ void register_attention_cat(pybind11::module& m) {
         py::arg("qkv"), py::arg("rms"), py::arg("heads"), py::arg("head_contiguous"), py::arg("eps"));
   m.def("mp_cat_fwd", &mp_cat_fwd, py::arg("a"), py::arg("b"), py::arg("ca"), py::arg("cb"));
   m.def("mp_cat_bwd", &mp_cat_bwd, py::arg("grad"), py::arg("ka"), py::arg("ca"), py::arg("cb"));
+  m.def("mp_cat_silu_fwd", &mp_cat_silu_fwd, py::arg("a"), py::arg("b"), py::arg("ca"), py::arg("cb"),
+        "mp_cat_mp_silu: x = [a * ca | b * cb] (rounded to the dtype) and y = mp_silu(x), both [M, Ka + Kb]");
+  m.def("mp_cat_silu_bwd", &mp_cat_silu_bwd, py::arg("grad_x"), py::arg("grad_y"), py::arg("x"), py::arg("ka"),
+        py::arg("ca"), py::arg("cb"), "(da, db) of mp_cat_mp_silu from the gradients of x and y (None: absent)");
 }

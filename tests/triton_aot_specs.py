@@ -149,6 +149,8 @@ def record(networks=NETWORKS, batches=BATCHES, dtypes=DTYPES) -> list[dict]:
             for (net_name, batch), specs in calls.items():
                 for dtype_name in dtypes:
                     for spec in specs:
+                        if spec.op == "mp_weights":  # list arguments: recorded by _run_mp_weights below
+                            continue
                         for cl in (False, True):
                             current.update(network=net_name, batch=batch, dtype=dtype_name, op=spec.op,
                                            channels_last=cl)

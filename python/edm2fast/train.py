@@ -361,7 +361,7 @@ class _Data:
         self.kind = ds.kind
         self.seed, self.rank, self.world = seed, rank, world
         self.order = data_module.InfiniteSampler(self.length, rank, world, seed)
-        self._epochs: dict[int, torch.Tensor] = {}
+        self._epochs: dict[tuple[int, torch.device], torch.Tensor] = {}  # (epoch, device) -> order
         self._cache = None
         self._loader = None
         self._loader_next = None
@@ -391,7 +391,7 @@ class _Data:
         """Epoch ``e``'s permutation of the dataset on ``device``, uploaded once per epoch."""
         key = (e, device)
         if key not in self._epochs:
-            for old in [k for k in self._epochs if k[0] < e - 1]:  # at most this epoch and the last stay
+            for old in [k for k in self._epochs if k[0] not in (e - 1, e)]:  # keep this epoch and the last
                 del self._epochs[old]
             order = torch.from_numpy(np.asarray(self.order.epoch_order(e), dtype=np.int64))
             # Pageable memory is staged before the copy returns, so no stream synchronization is needed.

@@ -1,0 +1,79 @@
+"""benchmarks/cpu_speed.py: variant parsing, interleaved timing, ratios, and that its step trains."""
+
+import pytest
+import torch
+
+from benchmarks import cpu_speed as S
+
+TINY = dict(img_resolution=8, img_channels=2, label_dim=0, model_channels=8, channel_mult=[1],
+            num_blocks=1, attn_resolutions=[], channels_per_head=8)
+
+
+@pytest.mark.parametrize("variant, backend", [("reference", "reference"), ("reference+compile", "reference"),
+                                              ("cuda", "cuda"), ("triton+compile", "triton")])
+def test_backend_of_variant(variant, backend):
+    assert S._backend(variant) == backend
+
+
+@pytest.mark.parametrize("bad", ["", "nope", "reference+eager", "cuda+compile+compile"])
+def test_bad_variant_names_the_argument(bad):
+    with pytest.raises(ValueError, match="variant"):
+        S._backend(bad)
+    with pytest.raises(TypeError, match="variant"):
+        S._backend(3)
+
+
+def test_interleaved_runs_every_fn_in_turns():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    res = S.interleaved(fns, rounds=3, reps=2, warmup=1)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-up, then rounds in turns
+    assert {k: r["n"] for k, r in res.items()} == {"a": 6, "b": 6}
+    assert all(r["median_ms"] >= 0 for r in res.values())
+
+
+def test_ratios_and_targets():
+    res = {"reference": {"median_ms": 150.0}, "reference+compile": {"median_ms": 110.0},
+           "cuda": {"median_ms": 100.0}}
+    rows = {r["variant"]: r for r in S.with_ratios(res)}
+    assert rows["cuda"]["x_reference"] == pytest.approx(1.5)
+    assert rows["cuda"]["x_reference+compile"] == pytest.approx(1.1)
+    assert rows["cuda"]["met_reference"] and rows["cuda"]["met_reference+compile"]
+    assert "met_reference" not in rows["reference+compile"]  # targets are for the fused variants
+    res["cuda"]["median_ms"] = 101.0
+    rows = {r["variant"]: r for r in S.with_ratios(res)}
+    assert not rows["cuda"]["met_reference"] and not rows["cuda"]["met_reference+compile"]
+
+
+@pytest.mark.parametrize("variant", ["reference", "reference+compile"])
+def test_train_step_updates_the_network(variant, monkeypatch):
+    # compile is replaced by identity: this checks the step's plumbing (forced weight normalization
+    # inside the forward or once per step, Adam, EMA), not torch.compile.
+    monkeypatch.setattr(torch, "compile", lambda m: m)
+    built = []
+    real_build = S.M._build
+    monkeypatch.setattr(S.M, "_build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    step = S.make_train_step(TINY, 2, torch.float32, torch.device("cpu"), variant)
+    before = [p.detach().clone() for p in built[0].parameters()]
+    step()
+    after = list(built[0].parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert all(torch.isfinite(p).all() for p in after)
+
+
+def test_breakdown_groups_add_up(monkeypatch):
+    rows = S.breakdown(TINY, 2, ["reference"], steps=1)
+    (r,) = rows
+    groups = [g for g, _ in S._GROUPS] + ["rest"]
+    assert r["total"] == pytest.approx(sum(r[g] for g in groups))
+    assert r["convolution"] > 0 and r["optimizer"] > 0 and r["rest"] >= 0
+    assert r["ceiling_x_reference"] >= 1.0  # the library kernels are part of the total
+
+
+@pytest.mark.parametrize("fused_adam", [None, True])
+def test_fused_adam_option(fused_adam, monkeypatch):
+    made = []
+    real = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda *a, **k: made.append(k) or real(*a, **k))
+    S.make_train_step(TINY, 1, torch.float32, torch.device("cpu"), "reference", fused_adam=fused_adam)
+    assert made[0]["fused"] is bool(fused_adam)
