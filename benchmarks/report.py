@@ -115,6 +115,17 @@ def write_markdown(report: dict, path: str) -> None:
                          f"{_fmt(r.get('host_us_fwd_bwd'), '.1f')} | {_fmt(r.get('ref_us_fwd'), '.1f')} | "
                          f"{_fmt(r.get('ref_us_fwd_bwd'), '.1f')} | {_fmt(r.get('raw_us_fwd'), '.1f')} | "
                          f"{_fmt(r.get('overhead_us'), '.1f')} |")
+    cs = report.get("cpu_speed") or {}
+    if cs.get("train_step"):
+        lines += ["", "## CPU training step, fused path vs reference (issue 10 targets: x1.5 over reference, "
+                  "x1.1 over reference+compile)", "", "| batch | variant | ms/step (p20-p80) | x reference | "
+                  "x reference+compile |", "|---|---|---|---|---|"]
+        for batch, rows in cs["train_step"].items():
+            for r in rows:
+                lines.append(f"| {batch} | {r['variant']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) | "
+                             f"{_fmt(r.get('x_reference'), '.2f')} | {_fmt(r.get('x_reference+compile'), '.2f')} |")
+        for r in cs.get("sampling") or []:
+            lines.append(f"| sampler | {r['backend']} | {r['median_ms']:.2f} | {_fmt(r.get('x_reference'), '.2f')} | |")
     acc = report.get("accounting", {})
     lines += ["", f"## Training-step accounting ({acc.get('network')}, batch {acc.get('batch')}, {acc.get('dtype')})",
               "", "| backend | ops (~launches) | GiB moved | targets | GEMM/attention library launches "

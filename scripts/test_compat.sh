@@ -8,7 +8,8 @@
 # download) and the main .venv's nvidia/ folder is linked in (same sonames; nothing runs on a
 # GPU here). Otherwise, or when torch still fails to import, the full install is done.
 #
-# Selection: the Triton test files (tests/test_triton_*.py, the AOT compile check included),
+# Selection: the Triton test files (tests/test_triton_*.py, the AOT compile check included, and the
+# multi-tensor mp_weights / fused mp_cat_mp_silu tests),
 # without slow tests and without the torch.compile model test (minutes in the interpreter);
 # about 8 minutes on 2 cores (most of it the AOT compiles), plus 41 s to create the venv the first time.
 set -euo pipefail
@@ -48,5 +49,5 @@ fi
 echo "compat: environment ready in $(( $(date +%s) - t0 )) s"
 # No CUDA extension in this venv: its tests (which build it) stay with the main run.
 "$V/bin/python" -m pytest -q -p no:cacheprovider -m "not slow and not gpu" -k "not test_precond_compiled" \
-  tests/test_triton_*.py "$@"
+  tests/test_triton_*.py tests/test_mp_weights.py tests/test_mp_cat_silu.py "$@"
 echo "compat: done in $(( $(date +%s) - t0 )) s"

@@ -10,12 +10,13 @@ TINY = dict(img_resolution=8, img_channels=2, label_dim=0, model_channels=8, cha
 
 
 @pytest.mark.parametrize("variant, backend", [("reference", "reference"), ("reference+compile", "reference"),
-                                              ("cuda", "cuda"), ("triton+compile", "triton")])
+                                              ("cuda", "cuda"), ("triton+compile", "triton"),
+                                              ("cuda+cl", "cuda"), ("reference+cl+compile", "reference")])
 def test_backend_of_variant(variant, backend):
     assert S._backend(variant) == backend
 
 
-@pytest.mark.parametrize("bad", ["", "nope", "reference+eager", "cuda+compile+compile"])
+@pytest.mark.parametrize("bad", ["", "nope", "reference+eager", "cuda+compile+compile", "cuda+cl+cl"])
 def test_bad_variant_names_the_argument(bad):
     with pytest.raises(ValueError, match="variant"):
         S._backend(bad)
@@ -70,10 +71,20 @@ def test_breakdown_groups_add_up(monkeypatch):
     assert r["ceiling_x_reference"] >= 1.0  # the library kernels are part of the total
 
 
-@pytest.mark.parametrize("fused_adam", [None, True])
-def test_fused_adam_option(fused_adam, monkeypatch):
+@pytest.mark.parametrize("fused_adam, expected", [(None, True), (True, True), (False, False)])
+def test_fused_adam_option(fused_adam, expected, monkeypatch):
+    """torch's fused Adam by default (as benchmarks.model.train_step), the per-tensor loop on request."""
     made = []
     real = torch.optim.Adam
     monkeypatch.setattr(torch.optim, "Adam", lambda *a, **k: made.append(k) or real(*a, **k))
     S.make_train_step(TINY, 1, torch.float32, torch.device("cpu"), "reference", fused_adam=fused_adam)
-    assert made[0]["fused"] is bool(fused_adam)
+    assert made[0]["fused"] is expected
+
+
+def test_cl_variant_builds_a_channels_last_network(monkeypatch):
+    built = []
+    real = S.M._build
+    monkeypatch.setattr(S.M, "_build", lambda kw, *a, **k: built.append(kw) or real(kw, *a, **k))
+    S.make_train_step(TINY, 1, torch.float32, torch.device("cpu"), "reference+cl")
+    S.make_train_step(TINY, 1, torch.float32, torch.device("cpu"), "reference")
+    assert built[0].get("channels_last") is True and not built[1].get("channels_last")
