@@ -47,59 +47,8 @@ TARGETS = {"reference": 1.5, "reference+compile": 1.1}
 SAMPLER_TARGET = 1.5
 
 
-def _backend(variant: str) -> str:
-    """``variant``'s backend; ValueError for anything but ``<backend>`` or ``<backend>+compile``."""
-    if not isinstance(variant, str):
-        raise TypeError(f"variant: expected a string, got {type(variant).__name__}")
-    backend, *flags = variant.split("+")
-    if any(f not in ("compile", "cl") for f in flags) or len(set(flags)) != len(flags) or \
-            backend not in mk.registered_backends():
-        raise ValueError(f"variant: expected '<backend>' with optional '+cl' (channels_last) and '+compile', a "
-                         f"backend in {mk.registered_backends()}, got {variant!r}")
-    return backend
-
-
-def make_train_step(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch.device, variant: str,
-                    fused_adam: bool | None = None):
-    """The step closure of :func:`benchmarks.model.train_step` for ``variant`` (built, not yet run).
-
-    ``fused_adam``: Adam's ``fused`` flag (default True, like train_step: torch's fused Adam on CPU
-    and CUDA alike; the per-tensor loop takes ten times as long on the CPU). The same for every variant."""
-    from edm2fast.loss import EDM2Loss
-    from edm2fast.networks import forced_norm_weights, set_forced_weight_norm
-    from edm2fast.phema import PowerFunctionEMA
-
-    backend, compiled = _backend(variant), "+compile" in variant
-    if "+cl" in variant:  # the U-Net in channels_last (Precond(channels_last=True)): faster convolutions
-        net_kwargs = {**net_kwargs, "channels_last": True}
-    net = M._build(net_kwargs, dtype, device).train()
-    forced_inside = variant == "reference"  # the authors' way: normalization inside every forward
-    if not forced_inside:
-        set_forced_weight_norm(net, False)
-    model = torch.compile(net) if compiled else net
-    ema = PowerFunctionEMA(net, stds=(0.05, 0.10))
-    fused = True if fused_adam is None else fused_adam
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), fused=fused)
-    loss_fn = EDM2Loss()
-    x, labels = M._batch(net, batch, device)
-    weights = forced_norm_weights(net)
-    state = {"nimg": 0}
-
-    def step():
-        with mk.use_backend(backend):
-            if not forced_inside:
-                mk.force_normalize_(weights)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, x, labels).sum() / batch
-            loss.backward()
-            for p in net.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-            opt.step()
-            state["nimg"] += batch
-            ema.update(state["nimg"], batch)
-
-    return step
+_backend = M.variant_backend
+make_train_step = M.make_train_step
 
 
 def make_sampler(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch.device, backend: str,

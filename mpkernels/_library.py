@@ -35,6 +35,7 @@ switches the lean path off (tests compare both paths bit for bit; the benchmark 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -287,11 +288,47 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def memory_order(t: torch.Tensor) -> list[int]:
+    """Dims of a dense ``t`` from outermost to innermost in memory: ``t.permute(order)`` is contiguous."""
+    order = sorted(range(t.ndim), key=lambda d: (-t.stride(d), d))
+    if not t.permute(order).is_contiguous():  # size-1 dims with odd strides: fall back to a logical order
+        order = list(range(t.ndim))
+    return order
+
+
+def cat_rows(a: torch.Tensor, b: torch.Tensor, dim: int, t: float):
+    """``mp_cat``'s view of its operands, shared by every backend's concatenation kernels.
+
+    In ``a``'s memory order (``a`` made dense first, ``b`` copied into that order only when it
+    differs) both are row-major ``[M, K]`` matrices, ``M`` the product of the dims before ``dim``,
+    and a concatenated row is ``[a[m] * ca | b[m] * cb]`` (spec §1: ``C = sqrt((Na + Nb) /
+    ((1-t)^2 + t^2))``, ``ca = C / sqrt(Na) * (1-t)``, ``cb = C / sqrt(Nb) * t``).
+
+    Returns ``(a2, b2, ca, cb, back)``: ``back(y2)`` turns an ``[M, Ka + Kb]`` result into the
+    concatenation's shape with ``a``'s layout (a view).
+    """
+    if not is_dense(a):
+        a = a.contiguous()
+    order = memory_order(a)
+    ap, bp = a.permute(order), b.permute(order)
+    if not bp.is_contiguous():
+        bp = bp.contiguous()
+    p = order.index(dim)
+    m = math.prod(ap.shape[:p])
+    na, nb = a.shape[dim], b.shape[dim]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    shape = list(ap.shape)
+    shape[p] = na + nb
+    inverse = [order.index(d) for d in range(a.ndim)]
+    return (ap.reshape(m, -1), bp.reshape(m, -1), c / math.sqrt(na) * (1 - t), c / math.sqrt(nb) * t,
+            lambda y2: y2.reshape(shape).permute(inverse))
+
+
 def fake_like(*tensors: torch.Tensor):
     """Fake function helper: outputs shaped, typed and strided like the given inputs."""
     outs = tuple(torch.empty_like(t) for t in tensors)
     return outs if len(outs) > 1 else outs[0]
 
 
-__all__ = ["kernel_op", "with_backward", "fake_like", "is_dense", "lean_path", "KernelOp", "NAMESPACE"]
+__all__ = ["kernel_op", "with_backward", "fake_like", "is_dense", "memory_order", "cat_rows", "lean_path", "KernelOp", "NAMESPACE"]
 

@@ -37,13 +37,11 @@ both scaled blocks (forward), one writes both gradients (backward). Nothing is s
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from .._dispatch import register
-from .._library import is_dense, kernel_op
+from .._library import cat_rows, kernel_op
 from . import _ok  # mpkernels.cuda imports this module last, after defining it
 
 EPS = 1e-4  # normalize()'s default (spec §1)
@@ -157,33 +155,9 @@ def _cat_grad(ctx, g):
 _cat_fwd.register_autograd(_cat_grad, setup_context=_cat_setup)
 
 
-def _memory_order(t: torch.Tensor) -> list[int]:
-    """Dims of a dense ``t`` from outermost to innermost: ``t.permute(order)`` is contiguous."""
-    order = sorted(range(t.ndim), key=lambda d: (-t.stride(d), d))
-    if not t.permute(order).is_contiguous():  # size-1 dims with odd strides: the logical order
-        order = list(range(t.ndim))
-    return order
-
-
-def _coefs(na: int, nb: int, t: float) -> tuple[float, float]:
-    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
-    return c / math.sqrt(na) * (1 - t), c / math.sqrt(nb) * t
-
-
 def mp_cat(a, b, dim, t):
-    if not is_dense(a):
-        a = a.contiguous()
-    order = _memory_order(a)
-    ap, bp = a.permute(order), b.permute(order)
-    if not bp.is_contiguous():
-        bp = bp.contiguous()
-    p = order.index(dim)
-    m = math.prod(ap.shape[:p])
-    ca, cb = _coefs(a.shape[dim], b.shape[dim], t)
-    out2 = _cat_fwd(ap.reshape(m, -1), bp.reshape(m, -1), ca, cb)
-    shape = list(ap.shape)
-    shape[p] = a.shape[dim] + b.shape[dim]
-    return out2.reshape(shape).permute([order.index(d) for d in range(a.ndim)])
+    a2, b2, ca, cb, back = cat_rows(a, b, dim, t)
+    return back(_cat_fwd(a2, b2, ca, cb))
 
 
 def _cat_ok(a, b, dim=1, t=0.5) -> bool:

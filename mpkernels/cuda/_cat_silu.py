@@ -17,11 +17,9 @@ so NCHW and channels_last inputs take no copy and the outputs keep ``a``'s layou
 
 from __future__ import annotations
 
-import math
-
 from .._dispatch import register
-from .._library import is_dense, kernel_op
-from ._attention import _cat_ok, _coefs, _ext, _memory_order
+from .._library import cat_rows, kernel_op
+from ._attention import _cat_ok, _ext
 
 
 def _fwd_fake(a, b, ca, cb):
@@ -60,20 +58,9 @@ _fwd.register_autograd(_grad, setup_context=_setup)
 
 
 def mp_cat_mp_silu(a, b, dim, t):
-    if not is_dense(a):
-        a = a.contiguous()
-    order = _memory_order(a)
-    ap, bp = a.permute(order), b.permute(order)
-    if not bp.is_contiguous():
-        bp = bp.contiguous()
-    p = order.index(dim)
-    m = math.prod(ap.shape[:p])
-    ca, cb = _coefs(a.shape[dim], b.shape[dim], t)
-    x2, y2 = _fwd(ap.reshape(m, -1), bp.reshape(m, -1), ca, cb)
-    shape = list(ap.shape)
-    shape[p] = a.shape[dim] + b.shape[dim]
-    inverse = [order.index(d) for d in range(a.ndim)]
-    return x2.reshape(shape).permute(inverse), y2.reshape(shape).permute(inverse)
+    a2, b2, ca, cb, back = cat_rows(a, b, dim, t)
+    x2, y2 = _fwd(a2, b2, ca, cb)
+    return back(x2), back(y2)
 
 
 register("mp_cat_mp_silu", "cuda", mp_cat_mp_silu, devices=("cuda", "cpu"), supports=_cat_ok)

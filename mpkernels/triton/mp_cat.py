@@ -15,13 +15,12 @@ different row strides; the forward gathers ``a`` and ``b`` into ``out``, the bac
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .._library import kernel_op, with_backward
+from .._library import cat_rows, kernel_op
 from . import _common as C
 
 
@@ -91,11 +90,6 @@ def _launch(src1, dst1, src2, dst2, M, K1, K2, s1, d1, s2, d2, scale1, scale2):
              float(scale1), float(scale2), nk1, nk2, n1)
 
 
-def _coefs(na: int, nb: int, t: float) -> tuple[float, float]:
-    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
-    return c / math.sqrt(na) * (1 - t), c / math.sqrt(nb) * t
-
-
 def mp_cat_forward(a2, b2, ca: float, cb: float):
     a2, b2 = a2.contiguous(), b2.contiguous()  # no-ops on the views mp_cat builds
     M, Ka = a2.shape
@@ -140,20 +134,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 def mp_cat(a, b, dim: int, t: float):
-    a = C.dense(a)
-    order = C.memory_order(a)
-    ap = a.permute(order)
-    bp = b.permute(order)
-    if not bp.is_contiguous():
-        bp = bp.contiguous()
-    p = order.index(dim)
-    M = math.prod(ap.shape[:p])
-    ca, cb = _coefs(a.shape[dim], b.shape[dim], t)
-    out2 = _fwd_op(ap.reshape(M, -1), bp.reshape(M, -1), ca, cb)
-    shp = list(ap.shape)
-    shp[p] = a.shape[dim] + b.shape[dim]
-    inv = [order.index(d) for d in range(a.ndim)]
-    return out2.reshape(shp).permute(inv)
+    a2, b2, ca, cb, back = cat_rows(a, b, dim, t)
+    return back(_fwd_op(a2, b2, ca, cb))
 
 
 # Offsets within one tile are int32: at most (BLOCK_M - 1) * row length + BLOCK_K, so rows of

@@ -17,16 +17,15 @@ absent (flags), so an unused output costs nothing.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from .._dispatch import register
-from .._library import kernel_op
+from .._library import cat_rows, kernel_op
 from . import _common as C
-from .mp_cat import BLOCK_KS, TILE, _block_k, _coefs, supports  # noqa: F401  (supports: same limits)
+from .mp_cat import BLOCK_KS, TILE, _block_k, supports  # noqa: F401  (supports: same limits)
 
 
 @triton.jit
@@ -186,20 +185,9 @@ _fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 def mp_cat_mp_silu(a, b, dim: int, t: float):
-    a = C.dense(a)
-    order = C.memory_order(a)
-    ap = a.permute(order)
-    bp = b.permute(order)
-    if not bp.is_contiguous():
-        bp = bp.contiguous()
-    p = order.index(dim)
-    M = math.prod(ap.shape[:p])
-    ca, cb = _coefs(a.shape[dim], b.shape[dim], t)
-    x2, y2 = _fwd_op(ap.reshape(M, -1), bp.reshape(M, -1), ca, cb)
-    shp = list(ap.shape)
-    shp[p] = a.shape[dim] + b.shape[dim]
-    inv = [order.index(d) for d in range(a.ndim)]
-    return x2.reshape(shp).permute(inv), y2.reshape(shp).permute(inv)
+    a2, b2, ca, cb, back = cat_rows(a, b, dim, t)
+    x2, y2 = _fwd_op(a2, b2, ca, cb)
+    return back(x2), back(y2)
 
 
 register("mp_cat_mp_silu", "triton", mp_cat_mp_silu, devices=("cuda", "cpu") if C.INTERPRET else ("cuda",),
