@@ -23,10 +23,17 @@ import torch
 import mpkernels as mk
 import mpkernels.functional as mkf
 import mpkernels.multi_weight as mkw
+import mpkernels.sum_cat_silu as mk_sum_cat
+import mpkernels.sum_norm_silu as mk_sum_norm
+import mpkernels.up_silu as mk_up
+
+# Modules whose public ops call ``dispatch`` (the recorder below replaces it in each).
+_DISPATCHING = (mkf, mkw, mk_sum_cat, mk_sum_norm, mk_up)
 
 OPS = ["normalize", "pixel_norm", "mp_silu", "mp_sum", "mp_cat", "mp_cat_mp_silu", "mp_fourier", "mp_weight",
        "mp_weights", "mp_conv2d", "mp_linear", "cosine_attention", "pixel_norm_mp_silu", "modulated_mp_silu",
-       "mp_sum_clip", "resample", "force_normalize_", "ema_lerp_"]
+       "mp_sum_clip", "resample", "force_normalize_", "ema_lerp_",
+       "mp_sum_clip_pixel_norm_mp_silu", "mp_sum_clip_mp_cat_mp_silu", "resample_up_mp_silu"]
 INPLACE_OPS = {"force_normalize_", "ema_lerp_"}
 
 # A small network for CPU runs (interpreter parity, CPU timing): every op and code path of
@@ -93,13 +100,13 @@ def _recording(calls: list):
         calls.append((op, rec_args, tuple(sorted(rec_kwargs.items()))))
         return real(op, *args, **kwargs)
 
-    mkf.dispatch = recorder
-    mkw.dispatch = recorder
+    for m in _DISPATCHING:
+        m.dispatch = recorder
     try:
         yield
     finally:
-        mkf.dispatch = real
-        mkw.dispatch = real
+        for m in _DISPATCHING:
+            m.dispatch = real
 
 
 @contextlib.contextmanager
@@ -186,6 +193,19 @@ def network_specs(net_kwargs: dict, batch: int) -> list[Spec]:
             out[dim] += b[1][dim]
             extra.append(Spec("mp_cat", s.args, s.count))
             extra.append(Spec("mp_silu", (("T", tuple(out), a[2]),), s.count))
+        if s.op == "mp_sum_clip_pixel_norm_mp_silu":  # the ops it fuses, as public ops of their own
+            x, y, t, clip, eps = s.args
+            extra.append(Spec("mp_sum_clip", (x, y, t, clip), s.count))
+            extra.append(Spec("pixel_norm_mp_silu", (x, eps), s.count))
+        if s.op == "mp_sum_clip_mp_cat_mp_silu":
+            x, y, skip, t, clip, cat_t, dim = s.args
+            extra.append(Spec("mp_sum_clip", (x, y, t, clip), s.count))
+            extra.append(Spec("mp_cat_mp_silu", (x, skip, dim, cat_t), s.count))
+        if s.op == "resample_up_mp_silu":
+            (x,) = s.args
+            up = ("T", x[1][:2] + (2 * x[1][2], 2 * x[1][3]), x[2])
+            extra.append(Spec("resample", (x, "up"), s.count))
+            extra.append(Spec("mp_silu", (up,), s.count))
         if s.op == "mp_weights":  # the single-weight op at every weight shape the network has
             (_, shapes), (_, gains), eps, (_, heads) = s.args[:4]
             for shape, gain, qkv in zip(shapes, gains, heads):
@@ -246,6 +266,16 @@ def must_move_bytes(op: str, args: tuple, es: int) -> tuple[int, int]:
     if op == "mp_cat_mp_silu":
         n = nbytes(t[0]) + nbytes(t[1])
         return 3 * n, 4 * n  # fwd: a, b -> x, y; bwd: g_x, g_y, x -> da, db
+    if op == "mp_sum_clip_pixel_norm_mp_silu":
+        n = nbytes(t[0])
+        stats = _numel(t[0][1]) // t[0][1][1] * 4
+        return 5 * n + stats, 6 * n + stats  # fwd: x, y -> s, n, h; bwd: g_s, g_n, g_h, s (+stats) -> dx, dy
+    if op == "mp_sum_clip_mp_cat_mp_silu":
+        n, k = nbytes(t[0]), nbytes(t[2])
+        return 4 * n + 3 * k, 6 * n + 4 * k  # fwd: x, y, skip -> c, h; bwd: g_c, g_h, c -> dx, dy, dskip
+    if op == "resample_up_mp_silu":
+        n = nbytes(t[0])
+        return 9 * n, 9 * n  # fwd: x -> u, h (4x each); bwd: g_u, g_h (4x each), x -> dx
     if op == "mp_weights":  # fwd: fp32 w -> w_eff in its dtype; bwd: grad, w -> fp32 dw
         (_, shapes), _, _, _, (_, roles) = args
         fwd = bwd = 0
@@ -378,7 +408,7 @@ def case_from_spec(spec: Spec) -> Case:
                 t = torch.randn(a[1], generator=gen, dtype=torch.float32).to(device=device, dtype=dt)
                 if op == "modulated_mp_silu" and i == 1:
                     t = t * 0.3 + 1  # like c = emb_linear(emb) + 1
-                if op == "mp_sum_clip":
+                if op == "mp_sum_clip" or (op.startswith("mp_sum_clip_") and i < 2):
                     t = t * 200  # make the clip (256) active on some elements
                 out.append(t)
             elif isinstance(a, tuple) and a and a[0] == "L":

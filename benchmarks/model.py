@@ -7,7 +7,9 @@ gradients, Adam (betas 0.9, 0.99), power-function EMA update. Variants:
   (forced weight normalization inside every MPConv forward, eager).
 * ``reference+compile``: the reference network under ``torch.compile``, with one
   multi-tensor ``force_normalize_`` call per step (the compile-friendly way, spec §1).
-* each fused backend, eager, with the multi-tensor call.
+* each fused backend, eager, forced weight normalization folded into the U-Net's one
+  ``mp_weights`` call (``networks.fold_forced_norm``, as the trainer's eager step); under
+  ``+compile`` with the multi-tensor ``force_normalize_`` call.
 
 Accounting (needs no GPU): the step's forward and backward are traced on the meta
 device under a ``TorchDispatchMode`` that counts every non-view op (about one kernel
@@ -64,6 +66,7 @@ class _Counter(TorchDispatchMode):
         self.bytes = 0
         self.by_op: dict[str, int] = {}
         self.bytes_by_op: dict[str, int] = {}
+        self.inplace_write_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -76,6 +79,9 @@ class _Counter(TorchDispatchMode):
         moved = _nbytes(args) + _nbytes(kwargs or {}) + _nbytes(out)
         self.bytes_by_op[name] = self.bytes_by_op.get(name, 0) + moved
         self.bytes += moved
+        # An argument the op writes in place is counted once above (as read); its write, too:
+        self.inplace_write_bytes += sum(_nbytes(a) for a, spec in zip(args, func._schema.arguments)
+                                        if spec.alias_info is not None and spec.alias_info.is_write)
         return out
 
 
@@ -133,9 +139,14 @@ def account_step(net_kwargs: dict, batch: int, dtype: torch.dtype, backend: str)
     Returns totals, ``by_op`` (count per op, most first), ``GiB_by_op``, and ``unfused``: the ops
     that are neither an mpkernels kernel nor a library kernel (GEMM, fused attention), ``{op: [count,
     GiB]}`` by count (what to fuse next), with ``library`` the launch count of those library kernels.
+
+    ``GiB`` counts every tensor an op takes or returns once: an argument updated in place
+    (``force_normalize_``, ``ema_lerp_``, the weights ``mp_weights_forced`` normalizes) counts as
+    read, not also as written; the issue's targets use this count. ``GiB_with_inplace_writes``
+    adds those writes.
     """
     from edm2fast.loss import EDM2Loss
-    from edm2fast.networks import forced_norm_weights, set_forced_weight_norm
+    from edm2fast.networks import fold_forced_norm, set_forced_weight_norm
 
     net = _build(net_kwargs, dtype, "meta").train()
     x, labels = (torch.empty(batch, net.img_channels, net.img_resolution, net.img_resolution, device="meta"),
@@ -148,8 +159,10 @@ def account_step(net_kwargs: dict, batch: int, dtype: torch.dtype, backend: str)
     counter = _Counter()
     ctx = _dispatch.simulate(backend) if fused else mk.use_backend("reference")
     with ctx, counter:
-        if fused:
-            mk.force_normalize_(forced_norm_weights(net))
+        if fused:  # as the trainer's eager step: folded into the U-Net's mp_weights call
+            rest = fold_forced_norm(net)
+            if rest:
+                mk.force_normalize_(rest)
         loss = loss_fn(net, x, labels).sum() / batch
         loss.backward()
         mk.ema_lerp_(ema, [p.detach() for p in net.parameters()], 0.01)
@@ -157,6 +170,7 @@ def account_step(net_kwargs: dict, batch: int, dtype: torch.dtype, backend: str)
     gib = {k: counter.bytes_by_op[k] / 2 ** 30 for k in by_op}
     unfused = {k: [n, gib[k]] for k, n in by_op.items() if k.startswith("aten.") and k not in _LIBRARY}
     return {"backend": backend, "ops": counter.ops, "GiB": counter.bytes / 2 ** 30,
+            "GiB_with_inplace_writes": (counter.bytes + counter.inplace_write_bytes) / 2 ** 30,
             "top_ops": dict(list(by_op.items())[:12]), "by_op": by_op, "GiB_by_op": gib, "unfused": unfused,
             "library": sum(n for k, n in by_op.items() if k in _LIBRARY)}
 
@@ -212,7 +226,7 @@ def make_train_step(net_kwargs: dict, batch: int, dtype: torch.dtype, device: to
     (default True: torch's fused Adam on CPU and CUDA alike; the per-tensor loop takes ten times as
     long on the CPU). The same for every variant."""
     from edm2fast.loss import EDM2Loss
-    from edm2fast.networks import forced_norm_weights, set_forced_weight_norm
+    from edm2fast.networks import fold_forced_norm, forced_norm_weights, set_forced_weight_norm
     from edm2fast.phema import PowerFunctionEMA
 
     backend, compiled = variant_backend(variant), "+compile" in variant
@@ -233,7 +247,11 @@ def make_train_step(net_kwargs: dict, batch: int, dtype: torch.dtype, device: to
 
     def step():
         with mk.use_backend(backend):
-            if not forced_inside:
+            if not forced_inside and not compiled:  # as the trainer's eager step (fold_forced_norm)
+                rest = fold_forced_norm(net)
+                if rest:
+                    mk.force_normalize_(rest)
+            elif not forced_inside:
                 mk.force_normalize_(weights)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, x, labels).sum() / batch

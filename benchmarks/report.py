@@ -51,7 +51,9 @@ def print_accounting(acc: dict) -> None:
             print(f"  {r['backend']:<10} not traceable: {r['error']}")
             continue
         targets = _targets_text(r)
+        inplace = r.get("GiB_with_inplace_writes")
         print(f"  {r['backend']:<10} {r['ops']:>6} ops/launches  {r['GiB']:8.2f} GiB moved"
+              + (f" ({inplace:.2f} with in-place writes)" if inplace is not None else "")
               + (f"  [{targets}]" if targets else ""))
         if "unfused" in r:
             print(f"             {r['library']} GEMM/attention library launches; top non-fused ops: {_unfused_text(r)}")
@@ -128,13 +130,15 @@ def write_markdown(report: dict, path: str) -> None:
             lines.append(f"| sampler | {r['backend']} | {r['median_ms']:.2f} | {_fmt(r.get('x_reference'), '.2f')} | |")
     acc = report.get("accounting", {})
     lines += ["", f"## Training-step accounting ({acc.get('network')}, batch {acc.get('batch')}, {acc.get('dtype')})",
-              "", "| backend | ops (~launches) | GiB moved | targets | GEMM/attention library launches "
+              "", "| backend | ops (~launches) | GiB moved (with in-place writes) | targets | GEMM/attention library launches "
               "| top non-fused ops (count, GiB) |", "|---|---|---|---|---|---|"]
     for r in acc.get("rows", []):
         if "error" in r:
             lines.append(f"| {r['backend']} | not traceable: {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['backend']} | {r['ops']} | {r['GiB']:.2f} | {_targets_text(r) or '-'} | "
+        inplace = r.get("GiB_with_inplace_writes")
+        moved = f"{r['GiB']:.2f}" + (f" ({inplace:.2f})" if inplace is not None else "")
+        lines.append(f"| {r['backend']} | {r['ops']} | {moved} | {_targets_text(r) or '-'} | "
                      f"{r.get('library', '-')} | {_unfused_text(r) if 'unfused' in r else '-'} |")
     for r in acc.get("rows", []):
         if "by_op" in r and r["backend"] != "reference":

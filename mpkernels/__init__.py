@@ -23,6 +23,12 @@ register_backend("reference", priority=0, description="pure PyTorch, from the sp
 for _op in _functional.__all__:
     register(_op, "reference", getattr(reference, _op), devices=None)
 register("mp_weights", "reference", reference.mp_weights, devices=None)
+register("mp_weights_forced", "reference", reference.mp_weights_forced, devices=None)
+# Fused block-boundary ops: each module registers its reference implementation at import.
+from . import sum_cat_silu as _sum_cat_silu, sum_norm_silu as _sum_norm_silu, up_silu as _up_silu  # noqa: E402
+from .sum_cat_silu import *  # noqa: E402,F401,F403
+from .sum_norm_silu import *  # noqa: E402,F401,F403
+from .up_silu import *  # noqa: E402,F401,F403
 
 from . import _backends  # noqa: E402  (optional fast backends register themselves here)
 
@@ -31,7 +37,7 @@ _dispatch._initial_backend()
 
 from . import nn  # noqa: E402
 
-__all__ = list(_functional.__all__) + [
+__all__ = list(_functional.__all__) + _sum_cat_silu.__all__ + _sum_norm_silu.__all__ + _up_silu.__all__ + [
     "mp_weights",
     "available_backends", "registered_backends", "set_backend", "get_backend", "use_backend", "register",
     "register_backend", "BackendUnavailableError", "nn", "reference",

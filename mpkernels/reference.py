@@ -198,3 +198,11 @@ def mp_weights(weights: list[torch.Tensor], gains=None, eps: float = 1e-4, qkv_h
     dtypes = [torch.float32] * n if dtypes is None else dtypes
     return [mp_weight(w, g.reshape(()) if isinstance(g, torch.Tensor) else g, eps, qkv_heads=h).to(d)
             for w, g, h, d in zip(weights, gains, qkv_heads, dtypes)]
+
+
+def mp_weights_forced(weights: list[torch.Tensor], gains=None, eps: float = 1e-4, qkv_heads=None,
+                      dtypes=None) -> list[torch.Tensor]:
+    """Forced weight normalization of every weight in place (:func:`force_normalize_`, its default eps;
+    spec §1 MPConv step 2, paper Eq. 66), then :func:`mp_weights` of the updated weights."""
+    force_normalize_(weights)
+    return mp_weights(weights, gains, eps, qkv_heads, dtypes)

@@ -91,7 +91,13 @@ def test_block_outputs_keep_unit_magnitude_at_init():
     net = small_net().eval()
     x, sigma, labels = small_batch(8)
     rms = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: rms.__setitem__(n, float(o.float().square().mean().sqrt())))
+
+    def record(name, out):
+        if isinstance(out, tuple):  # the UNet defers each Block's last sum (Block.forward(defer=True))
+            out = networks._settle(out)
+        rms[name] = float(out.float().square().mean().sqrt())
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: record(n, o))
              for n, m in net.unet.named_modules() if isinstance(m, networks.Block)]
     with torch.no_grad():
         net(x, sigma, labels)

@@ -53,6 +53,7 @@ _OPS = {
     "force_normalize_": (multi_tensor.force_normalize_, multi_tensor.supports_force_normalize),
     "ema_lerp_": (multi_tensor.ema_lerp_, multi_tensor.supports_ema_lerp),
     "mp_weights": (multi_weight.mp_weights, multi_weight.supports),
+    "mp_weights_forced": (multi_weight.mp_weights_forced, multi_weight.supports),
 }
 for _op, (_fn, _supports) in _OPS.items():
     register(_op, "triton", _fn, devices=_DEVICES, supports=_supports)
@@ -60,3 +61,4 @@ for _op, (_fn, _supports) in _OPS.items():
 __all__ = ["all_configs", "INTERPRET", "_common"]
 
 from . import mp_cat_silu  # noqa: E402,F401  (registers 'mp_cat_mp_silu'; needs the backend declared above)
+from . import sum_cat_silu, sum_norm_silu, up_silu  # noqa: E402,F401  (fused block-boundary ops)

@@ -40,9 +40,11 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ..multi_weight import FORCE_EPS
 from .._library import NAMESPACE
 from . import _common as C
 from . import mp_weight as MW
+from . import multi_tensor as MT
 from .multi_tensor import _TableStore, _capturing, _elem_offset, _on_device, _rows_are_blocks
 
 
@@ -70,8 +72,14 @@ def _gain_of(gain_base, tensors_ptr, scale_ptr, k, valid, HAS_GAIN: tl.constexpr
 
 @triton.jit
 def _mp_weights_fwd_kernel(w_base, y_base, gain_base, rows_ptr, tensors_ptr, scale_ptr, out_ptr, inv_ptr, n_rows, eps,
-                           HAS_GAIN: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """ROWS table rows per program: y = w * inv * gain / sqrt(K) in the output dtype, inv (fp32) per row."""
+                           force_eps, HAS_GAIN: tl.constexpr, FORCE: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+    """ROWS table rows per program: y = w * inv * gain / sqrt(K) in the output dtype, inv (fp32) per row.
+
+    FORCE: forced weight normalization first, in place (paper Eq. 66): a pass for the norm of w, a
+    pass that writes ``n = w / (force_eps + ||w||/sqrt(K))`` back into w (the formula of
+    :mod:`.multi_tensor`'s force_normalize_ kernel) and sums ``n*n``, then y and inv from n, as an
+    ordinary call would compute them from the updated weight."""
     item = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     valid = item < n_rows
     w_off, R, k, y_row = _row_items(rows_ptr, item, valid)
@@ -86,6 +94,17 @@ def _mp_weights_fwd_kernel(w_base, y_base, gain_base, rows_ptr, tensors_ptr, sca
         m = (r0 + cols) < R[:, None]
         x = tl.load(w_rows + r0 + cols, mask=m, other=0.0).to(tl.float32)
         acc += x * x
+    if FORCE:  # acc: the sum of squares of w; then of the normalized rows written back
+        inv0 = 1.0 / (force_eps + tl.sqrt(tl.sum(acc, axis=1)) / tl.sqrt(tl.maximum(R, 1).to(tl.float32)))
+        acc = tl.zeros([ROWS, BLOCK_R], dtype=tl.float32)
+        for r0 in range(0, r_max, BLOCK_R):
+            m = (r0 + cols) < R[:, None]
+            x = tl.load(w_rows + r0 + cols, mask=m, other=0.0).to(tl.float32)
+            n = (x * inv0[:, None]).to(w_base.dtype.element_ty)
+            tl.store(w_rows + r0 + cols, n, mask=m)
+            n = n.to(tl.float32)
+            acc += n * n
+        tl.debug_barrier()  # the updated rows are read back below, by other threads of this program
     inv_sqrt_r = tl.load(scale_ptr + 2 * k + 1, mask=valid, other=1.0)  # fp32(1/sqrt(K)), as the reference
     inv = 1.0 / (eps + tl.sqrt(tl.sum(acc, axis=1)) * inv_sqrt_r)
     for i in range(0, r_max, BLOCK_R):  # last chunk first: the most recently read are still cached
@@ -158,11 +177,12 @@ BLOCK_R = 512
 SEG_BLOCK = 1024
 
 
-def _fwd_config(yd, has_gain: bool):
+def _fwd_config(yd, has_gain: bool, force: bool = False):
     return C.make_config(_mp_weights_fwd_kernel, ptrs=dict(w_base="fp32", y_base=yd, gain_base="fp32", rows_ptr="i64",
                                                            tensors_ptr="i64", scale_ptr="fp32", out_ptr="i64",
                                                            inv_ptr="fp32"),
-                         floats=("eps",), constexprs=dict(HAS_GAIN=has_gain, ROWS=ROWS, BLOCK_R=BLOCK_R),
+                         floats=("eps", "force_eps"),
+                         constexprs=dict(HAS_GAIN=has_gain, FORCE=force, ROWS=ROWS, BLOCK_R=BLOCK_R),
                          num_warps=4, num_stages=1)
 
 
@@ -197,6 +217,7 @@ def configs():
     for d in C.DTYPES:
         for has_gain in (False, True):
             yield _config("fwd", d, has_gain)
+            yield _config("fwd", d, has_gain, True)  # mp_weights(..., force_normalize=True)
             yield _config("bwd", d, has_gain)
     yield _config("seg")
 
@@ -274,6 +295,16 @@ def _lookup(store, key, build, *, capturing: bool):
 # --- launchers -------------------------------------------------------------------------------
 
 def _forward_impl(ws, gains, gain_values, gain_slots, eps, heads, dtype):
+    return _forward_launch(ws, gains, gain_values, gain_slots, eps, heads, dtype, None)
+
+
+def _forced_impl(ws, gains, gain_values, gain_slots, eps, force_eps, heads, dtype):
+    """``force_normalize_(ws, force_eps)`` then :func:`_forward_impl`, in the one launch of the FORCE kernel."""
+    return _forward_launch(ws, gains, gain_values, gain_slots, eps, heads, dtype, force_eps)
+
+
+def _forward_launch(ws, gains, gain_values, gain_slots, eps, heads, dtype, force_eps):
+    """Outputs and the flat fp32 inverse norms; ``force_eps`` not None: normalize ``ws`` in place first."""
     outs = [C.empty_like_dense(w, dtype) for w in ws]
     capturing = _capturing()
     tab = _lookup(_TABLES, _rows_key(ws, gains, gain_values, gain_slots, heads),
@@ -284,11 +315,14 @@ def _forward_impl(ws, gains, gain_values, gain_slots, eps, heads, dtype):
                        lambda: _offsets_table(ws[0].device, [_elem_offset(o, outs[0]) for o in outs]),
                        capturing=capturing)
     if offs is None:
+        if force_eps is not None:
+            _force_normalize_per_weight(ws, force_eps, capturing)
         return _forward_per_weight(ws, gains, gain_values, gain_slots, eps, heads, outs)
     inv = torch.empty((tab.n_rows,), dtype=torch.float32, device=ws[0].device)
     gain_base = _lowest(gains) if gains else ws[0]
-    C.launch(_config("fwd", dtype, bool(gains)), (C.cdiv(tab.n_rows, ROWS),), ws[0], outs[0], gain_base, tab.rows,
-             tab.tensors, tab.scales, offs, inv, tab.n_rows, float(eps))
+    force = force_eps is not None
+    C.launch(_config("fwd", dtype, bool(gains), force), (C.cdiv(tab.n_rows, ROWS),), ws[0], outs[0], gain_base,
+             tab.rows, tab.tensors, tab.scales, offs, inv, tab.n_rows, float(eps), float(force_eps if force else 0.0))
     return outs + [inv]
 
 
@@ -323,6 +357,15 @@ def _backward_impl(grads, ws, gains, inv, gain_values, gain_slots, eps, heads):
 
 
 # --- weight by weight (while capturing a CUDA graph without a table) --------------------------
+
+def _force_normalize_per_weight(ws, force_eps, capturing):
+    """The forced normalization before :func:`_forward_per_weight`: :mod:`.multi_tensor`'s kernel when its
+    table exists (or may be built), else the reference formula weight by weight (capture-safe)."""
+    if not capturing or MT._key("rows", ws) in MT._TABLES:
+        MT._force_normalize_impl(ws, force_eps)
+    else:
+        reference.force_normalize_(ws, force_eps)
+
 
 def _single(w, gains, value, slot, h):
     w2, back = MW._rows(w)
@@ -417,28 +460,88 @@ def _backward(ctx, grads):
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
+# Forced weight normalization folded into the forward (mp_weights(..., force_normalize=True)): an op
+# that mutates its inputs cannot have autograd registered through torch.library, so the mutating op
+# has none and a plain autograd.Function around it saves what _setup_context saves (the weights,
+# now normalized, the gains and inv) and runs the ordinary backward op.
+_forced_op = torch.library.custom_op(
+    f"{NAMESPACE}::triton_mp_weights_forced", _forced_impl, mutates_args=("ws",),
+    schema="(Tensor(a!)[] ws, Tensor[] gains, float[] gain_values, int[] gain_slots, float eps, float force_eps, "
+           "int[] qkv_heads, ScalarType dtype) -> Tensor[]")
+_forced_op.register_fake(lambda ws, gains, gain_values, gain_slots, eps, force_eps, heads, dtype:
+                         _fake_fwd(ws, gains, gain_values, gain_slots, eps, heads, dtype))
+
+
+class _ForcedMpWeights(torch.autograd.Function):
+    """``force_normalize_(ws)`` then the ``triton_mp_weights`` op's forward and backward; ``tensors`` = ws + gains."""
+
+    @staticmethod
+    def forward(ctx, args, n, *tensors):
+        ws, gains = list(tensors[:n]), list(tensors[n:])
+        gain_values, gain_slots, eps, force_eps, heads, dtype = args
+        out = _forced_op([w.detach() for w in ws], [g.detach() for g in gains], gain_values, gain_slots, eps,
+                         force_eps, heads, dtype)
+        _setup_context(ctx, (ws, gains, gain_values, gain_slots, eps, heads, dtype), out)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        dws, dgains = _backward(ctx, list(grads))[:2]
+        if dws is None:
+            return (None, None) + (None,) * (ctx.n + ctx.n_gains)
+        return (None, None, *dws, *dgains)
+
+
+def _split_gains(gains, idx):
+    """(tensor gains in fp32, number per weight (1.0 for a tensor gain), slot per weight (-1: a number))."""
+    tensor_gains, values, slots = [], [], []
+    for i in idx:
+        g = gains[i]
+        if isinstance(g, torch.Tensor):
+            slots.append(len(tensor_gains))
+            tensor_gains.append(g if g.dtype == torch.float32 else g.float())
+            values.append(1.0)
+        else:
+            slots.append(-1)
+            values.append(float(g))
+    return tensor_gains, values, slots
+
+
+def _groups(dtypes) -> dict:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, d in enumerate(dtypes):
+        groups.setdefault(d, []).append(i)
+    return groups
+
 
 # --- public entry point (receives the validated lists of mpkernels.mp_weights) ----------------
 
 def mp_weights(weights, gains, eps, qkv_heads, dtypes) -> list[torch.Tensor]:
     """One custom-op call (one launch) per output dtype."""
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, d in enumerate(dtypes):
-        groups.setdefault(d, []).append(i)
     out: list[torch.Tensor | None] = [None] * len(weights)
-    for dtype, idx in groups.items():
-        tensor_gains, values, slots = [], [], []
-        for i in idx:
-            g = gains[i]
-            if isinstance(g, torch.Tensor):
-                slots.append(len(tensor_gains))
-                tensor_gains.append(g if g.dtype == torch.float32 else g.float())
-                values.append(1.0)
-            else:
-                slots.append(-1)
-                values.append(float(g))
+    for dtype, idx in _groups(dtypes).items():
+        tensor_gains, values, slots = _split_gains(gains, idx)
         res = _fwd_op([weights[i] for i in idx], tensor_gains, values, slots, float(eps),
                       [qkv_heads[i] or 0 for i in idx], dtype)
+        for j, i in enumerate(idx):
+            out[i] = res[j]
+    return out
+
+
+def mp_weights_forced(weights, gains, eps, qkv_heads, dtypes) -> list[torch.Tensor]:
+    """``force_normalize_(weights)`` then :func:`mp_weights`: one launch per output dtype for both.
+
+    While ``torch.compile`` traces, the two ops run one after the other (compiled graphs keep the
+    ops they had: a mutating op cannot carry registered autograd)."""
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            MT.force_normalize_(weights, FORCE_EPS)
+        return mp_weights(weights, gains, eps, qkv_heads, dtypes)
+    out: list[torch.Tensor | None] = [None] * len(weights)
+    for dtype, idx in _groups(dtypes).items():
+        tensor_gains, values, slots = _split_gains(gains, idx)
+        args = (values, slots, float(eps), float(FORCE_EPS), [qkv_heads[i] or 0 for i in idx], dtype)
+        res = _ForcedMpWeights.apply(args, len(idx), *[weights[i] for i in idx], *tensor_gains)
         for j, i in enumerate(idx):
             out[i] = res[j]
     return out

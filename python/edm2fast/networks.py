@@ -8,6 +8,13 @@ A whole forward computes the effective weight of every MPConv (spec §1 MPConv s
 1-4) with one :func:`mpkernels.mp_weights` call (one launch per dtype group on a fused
 backend, and one for all their gradients) and hands them down; the 36 ``emb_linear``
 layers run as one matmul. Block and MPConv still work standalone, computing their own.
+
+Block boundaries are fused: a Block returns its last residual sum unevaluated, and the next
+Block's input preparation evaluates it in one kernel together with what reads it
+(:func:`mpkernels.mp_sum_clip_pixel_norm_mp_silu` in the encoder, where the sum is also a skip;
+:func:`mpkernels.mp_sum_clip_mp_cat_mp_silu` in the decoder; the 'up' Blocks take
+:func:`mpkernels.resample_up_mp_silu`). Each fused op's backward takes the gradients of all its
+outputs, so a tensor used twice needs no separate gradient sum.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ import torch
 import mpkernels as mk
 from mpkernels.nn import MPConv, MPFourier
 
-__all__ = ["Block", "UNet", "Precond", "set_forced_weight_norm", "forced_norm_weights", "effective_weights",
-           "clear_weight_cache"]
+__all__ = ["Block", "UNet", "Precond", "set_forced_weight_norm", "forced_norm_weights", "fold_forced_norm",
+           "effective_weights", "clear_weight_cache"]
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -68,29 +75,52 @@ class Block(torch.nn.Module):
                        ("attn_proj", self.attn_proj, 1, None, False)]
         return layers
 
-    def _residual_sum(self, x, y, t):
-        if self.clip_act is None:
-            return mk.mp_sum(x, y, t)
-        return mk.mp_sum_clip(x, y, t, self.clip_act)
+    def takes_fused_input(self) -> bool:
+        """Whether the caller may hand this Block its prepared input ``pre`` (see :meth:`forward`): an
+        encoder Block that keeps the resolution and has no skip convolution (input = pixel norm of
+        the previous output), or a decoder Block (input = the concatenation, or the upsampled x)."""
+        if self.flavor == "enc":
+            return self.resample_mode == "keep" and self.conv_skip is None
+        return self.resample_mode in ("keep", "up")
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None, *, weights: dict | None = None,
-                c: torch.Tensor | None = None, x_silu: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None, emb: torch.Tensor | None, *, weights: dict | None = None,
+                c: torch.Tensor | None = None, x_silu: torch.Tensor | None = None, pre=None, defer: bool = False):
         """``weights``: effective weights by local name (``'conv_res0'``, ...; see :meth:`mp_layers`),
         as :func:`effective_weights` makes them; None: each MPConv computes its own. ``c``: the
         modulation ``emb_linear(emb, gain=emb_gain) + 1`` ([N, out_channels], any strides), computed
         by the caller for all blocks at once; ``emb`` is then unused. ``x_silu`` (decoder blocks
         without resampling): ``mp_silu(x)``, computed by the caller together with ``x``
-        (:func:`mpkernels.mp_cat_mp_silu`)."""
+        (:func:`mpkernels.mp_cat_mp_silu`).
+
+        ``pre = (xr, xs)``: the residual-branch input already prepared by the caller (``x`` is then
+        unused), for Blocks where :meth:`takes_fused_input`: ``xr`` the pixel-normalized input
+        (encoder), the upsampled input (decoder 'up') or the concatenation (decoder), and
+        ``xs = mp_silu(xr)``. The caller computes them fused with the previous Block's last sum.
+
+        ``defer=True`` returns ``(x, y, t, clip)`` instead of ``mp_sum_clip(x, y, t, clip)`` (``clip``
+        may be None: a plain ``mp_sum``), the last residual sum, for the caller to fuse it with what
+        reads the result.
+        """
         w = weights if weights is not None else {}
-        if x_silu is not None and (self.flavor != "dec" or self.resample_mode != "keep"):
-            raise ValueError("x_silu: only for decoder blocks that keep the resolution")
-        x = mk.resample(x, self.resample_mode)
-        if self.flavor == "enc":
-            if self.conv_skip is not None:
-                x = self.conv_skip(x, weight=w.get("conv_skip"))
-            x, y = mk.pixel_norm_mp_silu(x)  # pixel norm, then MP-SiLU for the residual branch, fused
+        if x_silu is not None:
+            if self.flavor != "dec" or self.resample_mode != "keep":
+                raise ValueError("x_silu: only for decoder blocks that keep the resolution")
+            if pre is not None:
+                raise ValueError("x_silu: give either x_silu or pre, not both")
+            pre = (x, x_silu)
+        if pre is not None:
+            if not self.takes_fused_input():
+                raise ValueError("pre: this Block prepares its own input (resampling down, or a skip convolution "
+                                 "before the pixel norm)")
+            x, y = pre
         else:
-            y = x_silu if x_silu is not None else mk.mp_silu(x)
+            x = mk.resample(x, self.resample_mode)
+            if self.flavor == "enc":
+                if self.conv_skip is not None:
+                    x = self.conv_skip(x, weight=w.get("conv_skip"))
+                x, y = mk.pixel_norm_mp_silu(x)  # pixel norm, then MP-SiLU for the residual branch, fused
+            else:
+                y = mk.mp_silu(x)
         y = self.conv_res0(y, weight=w.get("conv_res0"))
         if c is None:
             if "emb_linear" in w:
@@ -103,16 +133,23 @@ class Block(torch.nn.Module):
         y = self.conv_res1(y, weight=w.get("conv_res1"))
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x, weight=w.get("conv_skip"))
-        if self.num_heads == 0:
-            return self._residual_sum(x, y, self.res_balance)  # clip only after the last sum (spec §2 step 7)
-        x = mk.mp_sum(x, y, self.res_balance)
-        if "attn_qkv" in w:
-            qkv = self.attn_qkv(x, weight=w["attn_qkv"])  # rows already head-contiguous (mp_layers)
-        else:
-            qkv = self.attn_qkv(x, qkv_heads=self.num_heads)
-        y = self.attn_proj(mk.cosine_attention(qkv, self.num_heads, layout="head_contiguous"),
-                           weight=w.get("attn_proj"))
-        return self._residual_sum(x, y, self.attn_balance)
+        if self.num_heads:
+            x = mk.mp_sum(x, y, self.res_balance)
+            if "attn_qkv" in w:
+                qkv = self.attn_qkv(x, weight=w["attn_qkv"])  # rows already head-contiguous (mp_layers)
+            else:
+                qkv = self.attn_qkv(x, qkv_heads=self.num_heads)
+            y = self.attn_proj(mk.cosine_attention(qkv, self.num_heads, layout="head_contiguous"),
+                               weight=w.get("attn_proj"))
+        t = self.attn_balance if self.num_heads else self.res_balance
+        # clip only after the last sum (spec §2 step 7)
+        return (x, y, t, self.clip_act) if defer else _settle((x, y, t, self.clip_act))
+
+
+def _settle(pending):
+    """The last residual sum of a Block from its deferred ``(x, y, t, clip)``."""
+    x, y, t, clip = pending
+    return mk.mp_sum(x, y, t) if clip is None else mk.mp_sum_clip(x, y, t, clip)
 
 
 class UNet(torch.nn.Module):
@@ -208,18 +245,45 @@ class UNet(torch.nn.Module):
         cs = dict(zip([name for name, _ in blocks], torch.split(c_all, [b.out_channels for _, b in blocks], dim=1)))
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        # Each Block hands back its last residual sum unevaluated (``pending``); the next Block's
+        # input preparation evaluates it in the same kernel (encoder: the sum, which is also the
+        # skip, with the next pixel norm and MP-SiLU; decoder: the sum with the concatenation and
+        # MP-SiLU), so the sum is never re-read and its two uses need no separate gradient sum.
         skips = []
+        pending = None
         for name, block in self.enc.items():
             if isinstance(block, MPConv):
                 x = block(x, weight=weights[f"enc.{name}"])
-            else:
-                x = block(x, None, weights=_local(weights, f"enc.{name}.", block), c=cs[f"enc.{name}"])
+                skips.append(x)
+                continue
+            pre = None
+            if pending is not None:
+                if block.takes_fused_input():
+                    x, xn, xs = mk.mp_sum_clip_pixel_norm_mp_silu(*pending)
+                    pre = (xn, xs)
+                else:
+                    x = _settle(pending)
+                skips.append(x)
+            pending = block(x, None, weights=_local(weights, f"enc.{name}.", block), c=cs[f"enc.{name}"], pre=pre,
+                            defer=True)
+        if pending is not None:
+            x = _settle(pending)
             skips.append(x)
+            pending = None
         for name, block in self.dec.items():
-            x_silu = None
             if "block" in name:  # the concatenation and the Block's first MP-SiLU in one pass
-                x, x_silu = mk.mp_cat_mp_silu(x, skips.pop(), t=self.concat_balance)
-            x = block(x, None, weights=_local(weights, f"dec.{name}.", block), c=cs[f"dec.{name}"], x_silu=x_silu)
+                if pending is not None:
+                    px, py, pt, pclip = pending
+                    pre = mk.mp_sum_clip_mp_cat_mp_silu(px, py, skips.pop(), pt, pclip, self.concat_balance)
+                else:
+                    pre = mk.mp_cat_mp_silu(x, skips.pop(), t=self.concat_balance)
+            else:
+                if pending is not None:
+                    x = _settle(pending)
+                pre = mk.resample_up_mp_silu(x) if block.resample_mode == "up" else None
+            pending = block(x, None, weights=_local(weights, f"dec.{name}.", block), c=cs[f"dec.{name}"], pre=pre,
+                            defer=True)
+        x = _settle(pending) if pending is not None else x
         return self.out_conv(x, weight=weights["out_conv"])
 
 
@@ -232,18 +296,27 @@ def effective_weights(owner: torch.nn.Module, layers) -> dict:
     see :meth:`UNet.mp_layers`), by name, from one :func:`mpkernels.mp_weights` call.
 
     Training mode first applies each MPConv's forced weight normalization (paper Eq. 66) to all
-    of them at once, with one :func:`mpkernels.force_normalize_` call (the same update each MPConv
-    would make). In eval mode without autograd the result is cached on ``owner`` and reused
+    of them at once (the same update each MPConv would make): inside the ``mp_weights`` call
+    (``force_normalize=True``: one launch for both on a fused backend) when every layer has it on
+    or :func:`fold_forced_norm` asked for it, else with one :func:`mpkernels.force_normalize_`
+    call over those that have it. In eval mode without autograd the result is cached on ``owner`` and reused
     while no parameter changed (same tensors, same ``_version``): the sampler evaluates the
     network many times with the same weights. Never while compiling or capturing a CUDA graph.
     In-place writes through ``param.data`` bypass the version counter; call
     :func:`clear_weight_cache` after them.
     """
+    compiling = torch.compiler.is_compiling()
+    requested = owner.__dict__.pop("_fold_forced_norm", False) and owner.training and not compiling
     forced = [conv.weight for _, conv, *_ in layers if conv.training and conv.forced_weight_norm]
-    if forced:
+    fold = requested or len(forced) == len(layers)  # normalized in place inside mp_weights (spec §1 step 2)
+    if requested:  # fold_forced_norm promised every MPConv weight of owner
+        unlisted = _unlisted_weights(owner, layers)
+        if unlisted:
+            with torch.no_grad():
+                mk.force_normalize_(unlisted)
+    elif forced and not fold:
         with torch.no_grad():
             mk.force_normalize_(forced)
-    compiling = torch.compiler.is_compiling()
     key = None
     cacheable = not (compiling or owner.training or torch.is_grad_enabled() or _capturing(layers[0][1].weight))
     if cacheable:
@@ -252,7 +325,8 @@ def effective_weights(owner: torch.nn.Module, layers) -> dict:
         if cached is not None and cached[0] == key:
             return cached[1]
     out = mk.mp_weights([conv.weight for _, conv, *_ in layers], [gain for _, _, gain, *_ in layers],
-                        qkv_heads=[heads for *_, heads, _ in layers], dtypes=[dtype for *_, dtype in layers])
+                        qkv_heads=[heads for *_, heads, _ in layers], dtypes=[dtype for *_, dtype in layers],
+                        force_normalize=fold)
     weights = dict(zip([name for name, *_ in layers], out))
     if not compiling:  # a plain attribute: not a buffer, never in the state dict
         owner.__dict__["_mp_weight_cache"] = None if key is None else (key, weights)
@@ -367,6 +441,43 @@ class Precond(torch.nn.Module):
 def forced_norm_weights(net: torch.nn.Module) -> list[torch.Tensor]:
     """Every MPConv weight of ``net``: the tensors forced weight normalization applies to."""
     return [m.weight for m in net.modules() if isinstance(m, MPConv)]
+
+
+def fold_forced_norm(net: torch.nn.Module) -> list[torch.Tensor]:
+    """Have the next training forward of ``net`` apply forced weight normalization itself, inside
+    its one :func:`mpkernels.mp_weights` call (the update ``mk.force_normalize_`` makes, without
+    a launch and a pass over the weights of its own).
+
+    The request goes to the outermost :class:`Precond` / :class:`UNet` modules of ``net`` and
+    covers all their MPConv weights (those the forward does not use too). Returns the MPConv
+    weights outside them: call ``mk.force_normalize_`` on those. Together that is the same update
+    as ``mk.force_normalize_(forced_norm_weights(net))`` before the forward. The request holds for
+    one forward (the first of a step with gradient accumulation) and is ignored while compiling.
+    """
+    plan = net.__dict__.get("_fold_plan")  # (owners, the weights outside them), found once per net
+    if plan is None:
+        owners, covered = [], set()
+        for m in net.modules():  # pre-order: a Precond comes before its UNet
+            if isinstance(m, (Precond, UNet)) and id(m) not in covered:
+                owners.append(m)
+                covered.update(id(c) for c in m.modules())
+        plan = net.__dict__["_fold_plan"] = (owners, [w for w in forced_norm_weights(net)
+                                                      if not any(w is c.weight for o in owners for c in o.modules()
+                                                                 if isinstance(c, MPConv))])
+    for o in plan[0]:
+        o.__dict__["_fold_forced_norm"] = True
+    return list(plan[1])
+
+
+def _unlisted_weights(owner: torch.nn.Module, layers) -> list[torch.Tensor]:
+    """``owner``'s MPConv weights that ``layers`` leaves out (e.g. the logvar head when unused)."""
+    n = owner.__dict__.get("_n_mpconv")
+    if n is None:
+        n = owner.__dict__["_n_mpconv"] = len(forced_norm_weights(owner))
+    if len(layers) >= n:  # the usual case (training asks for the logvar head): no walk over the modules
+        return []
+    listed = {id(conv.weight) for _, conv, *_ in layers}
+    return [w for w in forced_norm_weights(owner) if id(w) not in listed]
 
 
 def set_forced_weight_norm(net: torch.nn.Module, enabled: bool) -> None:

@@ -3,8 +3,10 @@
 One step (``batch`` images, spec §6):
 
 1. ``lr = schedule.learning_rate(cur_nimg, batch, lr, decay, rampup)``;
-2. forced weight normalization of every MPConv weight, once, with one multi-tensor
-   ``mk.force_normalize_`` call (spec §1 design note: the forward pass stays pure);
+2. forced weight normalization of every MPConv weight, once: in eager steps inside the U-Net's
+   first forward, folded into its one ``mk.mp_weights`` call (``networks.fold_forced_norm``);
+   in captured or compiled steps with one multi-tensor ``mk.force_normalize_`` call before it
+   (spec §1 design note: the compiled forward stays pure). The same update either way;
 3. ``batch / (batch_gpu * world_size)`` accumulation rounds of ``EDM2Loss``, each seeded
    from ``(seed, rank, cur_nimg, round)``; each rank backpropagates its loss sum divided by
    its own images per step (``batch / world_size``) and DDP averages over the ranks, as the
@@ -785,7 +787,14 @@ class Trainer:
     def _eager_step(self) -> tuple[torch.Tensor, int]:
         """The step of :meth:`step` op by op, the learning rate already set."""
         cfg = self.cfg
-        mk.force_normalize_(self._mpconv_weights)  # forced weight normalization (paper Eq. 66)
+        # Forced weight normalization (paper Eq. 66): the U-Net applies it inside its first forward's
+        # mp_weights call (one pass over the weights); the few MPConv weights outside it here.
+        if self._forward is self.net or self._forward is getattr(self, "_ddp", None):
+            rest = networks.fold_forced_norm(self.net)
+            if rest:
+                mk.force_normalize_(rest)
+        else:  # a compiled forward: the explicit call, as the graph expects
+            mk.force_normalize_(self._mpconv_weights)
         loss_sum, count, self._last_loss_sq = self.accumulate_gradients()
         for p in self.net.parameters():
             if p.grad is not None:
