@@ -181,37 +181,12 @@ def network_specs(net_kwargs: dict, batch: int) -> list[Spec]:
     the same shapes (pixel_norm, normalize, mp_weight), minus identity resampling."""
     specs = [s for s in record_network_calls(net_kwargs, batch) if not (s.op == "resample" and s.args[1] == "keep")]
     extra = []
-    for s in specs:
-        if s.op == "pixel_norm_mp_silu":
-            extra.append(Spec("pixel_norm", s.args, s.count))
-            extra.append(Spec("normalize", (s.args[0], (1,), s.args[1]), s.count))
-        if s.op in ("mp_conv2d", "mp_linear"):
-            extra.append(Spec("mp_weight", (s.args[1], s.args[2], 1e-4), s.count, kwargs=s.kwargs))
-        if s.op == "mp_cat_mp_silu":  # its two parts, as public ops of their own
-            a, b, dim, t = s.args
-            out = list(a[1])
-            out[dim] += b[1][dim]
-            extra.append(Spec("mp_cat", s.args, s.count))
-            extra.append(Spec("mp_silu", (("T", tuple(out), a[2]),), s.count))
-        if s.op == "mp_sum_clip_pixel_norm_mp_silu":  # the ops it fuses, as public ops of their own
-            x, y, t, clip, eps = s.args
-            extra.append(Spec("mp_sum_clip", (x, y, t, clip), s.count))
-            extra.append(Spec("pixel_norm_mp_silu", (x, eps), s.count))
-        if s.op == "mp_sum_clip_mp_cat_mp_silu":
-            x, y, skip, t, clip, cat_t, dim = s.args
-            extra.append(Spec("mp_sum_clip", (x, y, t, clip), s.count))
-            extra.append(Spec("mp_cat_mp_silu", (x, skip, dim, cat_t), s.count))
-        if s.op == "resample_up_mp_silu":
-            (x,) = s.args
-            up = ("T", x[1][:2] + (2 * x[1][2], 2 * x[1][3]), x[2])
-            extra.append(Spec("resample", (x, "up"), s.count))
-            extra.append(Spec("mp_silu", (up,), s.count))
-        if s.op == "mp_weights":  # the single-weight op at every weight shape the network has
-            (_, shapes), (_, gains), eps, (_, heads) = s.args[:4]
-            for shape, gain, qkv in zip(shapes, gains, heads):
-                g = ("T", (), "fp32") if gain == "tensor" else gain
-                extra.append(Spec("mp_weight", (("T", shape, "fp32"), g, eps), s.count,
-                                  kwargs=(("qkv_heads", qkv),) if qkv else ()))
+    todo = list(specs)
+    while todo:  # a fused op's parts may be fused ops with parts of their own
+        s = todo.pop()
+        first = len(extra)
+        _add_parts(s, extra)
+        todo.extend(extra[first:])
     merged: dict = {}
     for s in extra:
         key = (s.op, s.args, s.kwargs)
@@ -220,6 +195,40 @@ def network_specs(net_kwargs: dict, batch: int) -> list[Spec]:
         else:
             merged[key] = s
     return specs + list(merged.values())
+
+
+def _add_parts(s: Spec, extra: list) -> None:
+    """Append to ``extra`` the public ops that ``s`` computes in one call, at its shapes."""
+    if s.op == "pixel_norm_mp_silu":
+        extra.append(Spec("pixel_norm", s.args, s.count))
+        extra.append(Spec("normalize", (s.args[0], (1,), s.args[1]), s.count))
+    if s.op in ("mp_conv2d", "mp_linear"):
+        extra.append(Spec("mp_weight", (s.args[1], s.args[2], 1e-4), s.count, kwargs=s.kwargs))
+    if s.op == "mp_cat_mp_silu":  # its two parts, as public ops of their own
+        a, b, dim, t = s.args
+        out = list(a[1])
+        out[dim] += b[1][dim]
+        extra.append(Spec("mp_cat", s.args, s.count))
+        extra.append(Spec("mp_silu", (("T", tuple(out), a[2]),), s.count))
+    if s.op == "mp_sum_clip_pixel_norm_mp_silu":  # the ops it fuses, as public ops of their own
+        x, y, t, clip, eps = s.args
+        extra.append(Spec("mp_sum_clip", (x, y, t, clip), s.count))
+        extra.append(Spec("pixel_norm_mp_silu", (x, eps), s.count))
+    if s.op == "mp_sum_clip_mp_cat_mp_silu":
+        x, y, skip, t, clip, cat_t, dim = s.args
+        extra.append(Spec("mp_sum_clip", (x, y, t, clip), s.count))
+        extra.append(Spec("mp_cat_mp_silu", (x, skip, dim, cat_t), s.count))
+    if s.op == "resample_up_mp_silu":
+        (x,) = s.args
+        up = ("T", x[1][:2] + (2 * x[1][2], 2 * x[1][3]), x[2])
+        extra.append(Spec("resample", (x, "up"), s.count))
+        extra.append(Spec("mp_silu", (up,), s.count))
+    if s.op == "mp_weights":  # the single-weight op at every weight shape the network has
+        (_, shapes), (_, gains), eps, (_, heads) = s.args[:4]
+        for shape, gain, qkv in zip(shapes, gains, heads):
+            g = ("T", (), "fp32") if gain == "tensor" else gain
+            extra.append(Spec("mp_weight", (("T", shape, "fp32"), g, eps), s.count,
+                              kwargs=(("qkv_heads", qkv),) if qkv else ()))
 
 
 # --- bytes and flops each op must move / do ---------------------------------------------------

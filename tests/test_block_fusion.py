@@ -38,8 +38,8 @@ def _unfused(net: UNet, x, noise_labels, class_labels, weights):
     return net.out_conv(x, weight=weights["out_conv"])
 
 
-@pytest.mark.parametrize("backend", [b for b in mk.available_backends() if b != "triton"])
-@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("backend,cl", [(b, cl) for b in mk.available_backends() for cl in (False, True)
+                                        if b != "triton" or not cl])  # triton: the interpreter, slow on CPU
 def test_fused_boundaries_match_blocks_run_one_by_one(backend, cl):
     torch.manual_seed(0)
     net = UNet(**_KW).train()
@@ -68,9 +68,10 @@ def test_fused_boundaries_match_blocks_run_one_by_one(backend, cl):
             (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
         outs.append(y.detach())
         grads.append([p.grad.clone() for p in net.parameters()])
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    # fp32: the fused kernels round nothing the unfused ops round, and sum gradients in another order
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_block_pre_and_defer():
