@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _kernel_device() -> str:
@@ -129,3 +130,31 @@ def cuda_backend():
                 raise RuntimeError(f"mpkernels extension unavailable on the GPU machine: {e}") from e
             pytest.skip(f"mpkernels extension unavailable: {e}")
     return mc
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every op that does work (no views, no bare allocations): what the
+    launch-count tests of the fused ops count."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not getattr(func, "is_view", False) and func.overloadpacket not in (torch.ops.aten.empty,
+                                                                               torch.ops.aten.empty_strided):
+            self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def clip_in_a_gap(x, y, t):
+    """A clip value for ``mp_sum_clip(x, y, t, clip)`` far from every |s| (s in fp64 from the rounded
+    inputs), so that the oracle, eager PyTorch and a kernel (each deciding on its own rounding of s)
+    clip the same elements."""
+    from mpkernels import reference
+    s = reference.mp_sum(x.double(), y.double(), t).abs().flatten().sort().values
+    s = s[(s > 0.3) & (s < 1.2)]
+    gaps = s[1:] - s[:-1]
+    i = int(gaps.argmax())
+    assert float(gaps[i]) > 2e-2, "no clear gap for the clip value; change the seed"
+    return float(s[i] + s[i + 1]) / 2

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpkernels as mk
+from conftest import OpNames
 from mpkernels import _dispatch
 
 
@@ -47,28 +47,16 @@ def test_errors_name_the_argument():
         mk.mp_cat_mp_silu(a, b, dim=4)
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not getattr(func, "is_view", False) and func.overloadpacket not in (torch.ops.aten.empty,
-                                                                               torch.ops.aten.empty_strided):
-            self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_triton_is_one_launch_each_way():
     """On the meta device as the Triton backend on a GPU: one op forward, one backward, no gradient sum."""
     pytest.importorskip("mpkernels.triton")
     a = torch.empty(2, 6, 8, 8, device="meta", requires_grad=True)
     b = torch.empty(2, 10, 8, 8, device="meta", requires_grad=True)
     with _dispatch.simulate("triton"):
-        with _Count() as fwd:
+        with OpNames() as fwd:
             x, y = mk.mp_cat_mp_silu(a, b)
         loss = x.sum() + y.sum()
-        with _Count() as bwd:
+        with OpNames() as bwd:
             torch.autograd.grad(loss, [a, b], allow_unused=False)
     assert [n for n in fwd.names if "mpkernels" in n] == ["mpkernels.triton_mp_cat_mp_silu"], fwd.names
     assert [n for n in bwd.names if "mpkernels" in n] == ["mpkernels.triton_mp_cat_mp_silu_backward"], bwd.names

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpkernels as mk
-from conftest import assert_close_to_oracle, kernel_device
+from conftest import OpNames, assert_close_to_oracle, clip_in_a_gap, kernel_device
 from mpkernels import _dispatch
 
 OP = "mp_sum_clip_mp_cat_mp_silu"
@@ -145,17 +144,6 @@ def test_compile_fullgraph_matches_eager():
 
 # --- low precision against the fp64 oracle (conftest's rule: within 2x eager PyTorch's error) -----
 
-def _clip_in_a_gap(x, y, t):
-    """A clip value far from every |s| (s in fp64 from the rounded inputs), so that the oracle, eager
-    PyTorch and the kernel (each deciding on its own rounding of s) clip the same elements."""
-    s = mk.reference.mp_sum(x.double(), y.double(), t).abs().flatten().sort().values
-    s = s[(s > 0.3) & (s < 1.2)]
-    gaps = s[1:] - s[:-1]
-    i = int(gaps.argmax())
-    assert float(gaps[i]) > 2e-2, "no clear gap for the clip value; change the seed"
-    return float(s[i] + s[i + 1]) / 2
-
-
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
@@ -163,7 +151,7 @@ def _clip_in_a_gap(x, y, t):
 def test_low_precision_vs_fp64_oracle(backend, dtype, layout, clipping):
     tensors = _inputs(dtype, layout, shape=(2, 6, 5, 5), skip_channels=7, seed=3)
     t, cat_t = 0.3, 0.5
-    clip = _clip_in_a_gap(*tensors[:2], t) if clipping else None
+    clip = clip_in_a_gap(*tensors[:2], t) if clipping else None
     oracle = _run(mk.mp_sum_clip_mp_cat_mp_silu, [a.double() for a in tensors], "reference", t, clip, cat_t, "both")
     eager = _run(_composition, tensors, "reference", t, clip, cat_t, "both")
     got = _run(mk.mp_sum_clip_mp_cat_mp_silu, tensors, backend, t, clip, cat_t, "both")
@@ -207,18 +195,6 @@ def test_errors_name_the_argument():
 
 # --- one launch each way ----------------------------------------------------------------------------
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not getattr(func, "is_view", False) and func.overloadpacket not in (torch.ops.aten.empty,
-                                                                               torch.ops.aten.empty_strided):
-            self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("clip", [None, 256.0], ids=["noclip", "clip"])
 @pytest.mark.parametrize("which", ["both", "c", "h"])
 def test_triton_is_one_launch_each_way(clip, which):
@@ -227,10 +203,10 @@ def test_triton_is_one_launch_each_way(clip, which):
     x, y = (torch.empty(2, 6, 8, 8, device="meta", requires_grad=True) for _ in range(2))
     skip = torch.empty(2, 10, 8, 8, device="meta", requires_grad=True)
     with _dispatch.simulate("triton"):
-        with _Count() as fwd:
+        with OpNames() as fwd:
             c, h = mk.mp_sum_clip_mp_cat_mp_silu(x, y, skip, 0.3, clip, 0.5)
         loss = {"both": c.sum() + h.sum(), "c": c.sum(), "h": h.sum()}[which]
-        with _Count() as bwd:
+        with OpNames() as bwd:
             torch.autograd.grad(loss, [x, y, skip], allow_unused=False)
     assert [n for n in fwd.names if "mpkernels" in n] == ["mpkernels.triton_mp_sum_clip_mp_cat_mp_silu"], fwd.names
     assert [n for n in bwd.names if "mpkernels" in n] == ["mpkernels.triton_mp_sum_clip_mp_cat_mp_silu_backward"], \

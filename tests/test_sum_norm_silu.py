@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpkernels as mk
-from conftest import assert_close_to_oracle, kernel_device
+from conftest import OpNames, assert_close_to_oracle, clip_in_a_gap, kernel_device
 from mpkernels import _dispatch
 
 OP = "mp_sum_clip_pixel_norm_mp_silu"
@@ -180,17 +179,6 @@ def test_custom_ops_pass_opcheck(layout, clip):
 
 # --- low precision against the fp64 oracle (conftest's rule: within 2x eager PyTorch's error) -----
 
-def _clip_in_a_gap(x, y, t):
-    """A clip value far from every |s| (s in fp64 from the rounded inputs), so that the oracle, eager
-    PyTorch and the kernel (each deciding on its own rounding of s) clip the same elements."""
-    s = mk.reference.mp_sum(x.double(), y.double(), t).abs().flatten().sort().values
-    s = s[(s > 0.3) & (s < 1.2)]
-    gaps = s[1:] - s[:-1]
-    i = int(gaps.argmax())
-    assert float(gaps[i]) > 2e-2, "no clear gap for the clip value; change the seed"
-    return float(s[i] + s[i + 1]) / 2
-
-
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
@@ -198,7 +186,7 @@ def _clip_in_a_gap(x, y, t):
 def test_low_precision_vs_fp64_oracle(backend, dtype, layout, clipping):
     tensors = _inputs(dtype, layout, shape=(2, 6, 5, 5), seed=3)
     t = 0.3
-    clip = _clip_in_a_gap(*tensors, t) if clipping else None
+    clip = clip_in_a_gap(*tensors, t) if clipping else None
     oracle = _run(mk.mp_sum_clip_pixel_norm_mp_silu, [a.double() for a in tensors], "reference", t, clip)
     eager = _run(_composition, tensors, "reference", t, clip)
     got = _run(mk.mp_sum_clip_pixel_norm_mp_silu, tensors, backend, t, clip)
@@ -242,18 +230,6 @@ def test_errors_name_the_argument():
 
 # --- one launch each way ----------------------------------------------------------------------------
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not getattr(func, "is_view", False) and func.overloadpacket not in (torch.ops.aten.empty,
-                                                                               torch.ops.aten.empty_strided):
-            self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("clip", [None, 256.0], ids=["noclip", "clip"])
 @pytest.mark.parametrize("which", ["snh", "nh", "s", "h"])
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
@@ -263,10 +239,10 @@ def test_triton_is_one_launch_each_way(clip, which, cl):
     fmt = torch.channels_last if cl else torch.contiguous_format
     x, y = (torch.empty(2, 6, 8, 8, device="meta").contiguous(memory_format=fmt).requires_grad_() for _ in range(2))
     with _dispatch.simulate("triton"):
-        with _Count() as fwd:
+        with OpNames() as fwd:
             s, n, h = mk.mp_sum_clip_pixel_norm_mp_silu(x, y, 0.3, clip)
         loss = sum({"s": s, "n": n, "h": h}[k].sum() for k in which)
-        with _Count() as bwd:
+        with OpNames() as bwd:
             torch.autograd.grad(loss, [x, y], allow_unused=False)
     assert [n for n in fwd.names if "mpkernels" in n] == [f"mpkernels.triton_{OP}"], fwd.names
     assert [n for n in bwd.names if "mpkernels" in n] == [f"mpkernels.triton_{OP}_backward"], bwd.names

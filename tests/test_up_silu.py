@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpkernels as mk
 from mpkernels import _dispatch
-from conftest import assert_close_to_oracle, kernel_device
+from conftest import OpNames, assert_close_to_oracle, kernel_device
 
 BACKENDS = mk.available_backends()
 HAS_TRITON = "triton" in BACKENDS
@@ -115,18 +114,6 @@ def test_errors_name_the_argument():
         mk.resample_up_mp_silu(torch.randn(0, 2, 2, 2))
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not getattr(func, "is_view", False) and func.overloadpacket not in (torch.ops.aten.empty,
-                                                                               torch.ops.aten.empty_strided):
-            self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("use", ["both", "u", "h"])
 @pytest.mark.parametrize("cl", [False, True])
 def test_triton_is_one_launch_each_way(cl, use):
@@ -137,10 +124,10 @@ def test_triton_is_one_launch_each_way(cl, use):
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     with _dispatch.simulate("triton"):
-        with _Count() as fwd:
+        with OpNames() as fwd:
             u, h = mk.resample_up_mp_silu(x)
         loss = {"both": u.sum() + h.sum(), "u": u.sum(), "h": h.sum()}[use]
-        with _Count() as bwd:
+        with OpNames() as bwd:
             (dx,) = torch.autograd.grad(loss, [x])
     assert [n for n in fwd.names if "mpkernels" in n] == ["mpkernels.triton_resample_up_mp_silu"], fwd.names
     assert [n for n in bwd.names if "mpkernels" in n] == ["mpkernels.triton_resample_up_mp_silu_backward"], bwd.names

@@ -24,10 +24,9 @@ from . import _common as C
 
 
 @triton.jit
-def _resample_kernel(src_ptr, dst_ptr, n_small, Ws, K, scale, CL: tl.constexpr, DOWN: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # low-resolution element index (int32 division)
-    m = e < n_small
+def _quad(e, Ws, K, CL: tl.constexpr):
+    """High-resolution offset (int64) of the top-left element of ``e``'s 2x2 block, and the steps
+    to its right (``step_b``) and lower (``step_a``) neighbours."""
     if CL:
         rj = e // K
         k = e - rj * K
@@ -35,7 +34,7 @@ def _resample_kernel(src_ptr, dst_ptr, n_small, Ws, K, scale, CL: tl.constexpr, 
         rj = e
     r = rj // Ws
     j = rj - r * Ws
-    big = (2 * r).to(tl.int64) * (2 * Ws) + 2 * j  # high-resolution offsets in int64
+    big = (2 * r).to(tl.int64) * (2 * Ws) + 2 * j
     if CL:
         big = big * K + k
         step_b = K
@@ -43,6 +42,15 @@ def _resample_kernel(src_ptr, dst_ptr, n_small, Ws, K, scale, CL: tl.constexpr, 
     else:
         step_b = 1
         step_a = 2 * Ws
+    return big, step_a, step_b
+
+
+@triton.jit
+def _resample_kernel(src_ptr, dst_ptr, n_small, Ws, K, scale, CL: tl.constexpr, DOWN: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # low-resolution element index (int32 division)
+    m = e < n_small
+    big, step_a, step_b = _quad(e, Ws, K, CL)
     if DOWN:
         acc = tl.load(src_ptr + big, mask=m, other=0.0).to(tl.float32)
         acc += tl.load(src_ptr + big + step_b, mask=m, other=0.0).to(tl.float32)

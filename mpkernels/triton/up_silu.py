@@ -27,29 +27,7 @@ import triton.language as tl
 from .._dispatch import register
 from .._library import kernel_op
 from . import _common as C
-from .resample import _canon, _fake, _layout
-
-
-@triton.jit
-def _quad(e, Ws, K, CL: tl.constexpr):
-    """High-resolution offset (int64) of the top-left element of ``e``'s 2x2 block, and the steps
-    to its right (``step_b``) and lower (``step_a``) neighbours."""
-    if CL:
-        rj = e // K
-        k = e - rj * K
-    else:
-        rj = e
-    r = rj // Ws
-    j = rj - r * Ws
-    big = (2 * r).to(tl.int64) * (2 * Ws) + 2 * j
-    if CL:
-        big = big * K + k
-        step_b = K
-        step_a = 2 * Ws * K
-    else:
-        step_b = 1
-        step_a = 2 * Ws
-    return big, step_a, step_b
+from .resample import _canon, _fake, _layout, _quad
 
 
 @triton.jit
