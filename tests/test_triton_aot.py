@@ -15,6 +15,10 @@ Real launches specialise by their shapes (ints equal to 1 become constants, unal
 no divisibility facts): ``tests/triton_aot_specs.py`` records, once per session, the
 specialisations EDM2 networks produce, and those are compiled too (each for one architecture by
 default, both in the slow test). Every compile must also fit the architecture's shared memory.
+
+The two exhaustive tests (every variant for both architectures, about twice the default's
+compiles) are marked ``exhaustive``: CI leaves them out (``-m "not exhaustive"``); run them
+with ``bash scripts/test.sh -m exhaustive tests/test_triton_aot.py``.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def test_all_configs_compile_for_sm80_sm90_without_spills():
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 def test_every_variant_compiles_without_spills():
     rows, summary = run_aot("--all")
     _check(rows, summary)
@@ -126,6 +131,7 @@ def test_recorded_specialisations_compile(recorded_specs):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 def test_recorded_specialisations_compile_for_both_architectures(recorded_specs):
     path, specs = recorded_specs
     rows, summary = run_aot("--specs", str(path), "--all")
