@@ -127,7 +127,8 @@ def write_markdown(report: dict, path: str) -> None:
                 lines.append(f"| {batch} | {r['variant']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) | "
                              f"{_fmt(r.get('x_reference'), '.2f')} | {_fmt(r.get('x_reference+compile'), '.2f')} |")
         for r in cs.get("sampling") or []:
-            lines.append(f"| sampler | {r['backend']} | {r['median_ms']:.2f} | {_fmt(r.get('x_reference'), '.2f')} | |")
+            lines.append(f"| sampler | {r.get('variant', r['backend'])} | {r['median_ms']:.2f} | "
+                         f"{_fmt(r.get('x_reference'), '.2f')} | {_fmt(r.get('x_reference+compile'), '.2f')} |")
     acc = report.get("accounting", {})
     lines += ["", f"## Training-step accounting ({acc.get('network')}, batch {acc.get('batch')}, {acc.get('dtype')})",
               "", "| backend | ops (~launches) | GiB moved (with in-place writes) | targets | GEMM/attention library launches "

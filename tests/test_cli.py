@@ -93,6 +93,9 @@ BAD = [
     (["generate", "--net", "{files}/digits.safetensors", "--gnet", "{files}/small8.safetensors",
       "--outdir", "{tmp}/g"], "--gnet"),
     (["generate", "--net", "{files}/digits.safetensors", "--outdir", "{tmp}/g", "--steps", "0"], "--steps"),
+    (["generate", "--net", "{files}/digits.safetensors", "--outdir", "{tmp}/g", "--channels-last", "maybe"],
+     "--channels-last"),
+    (["train", "--outdir", "{tmp}/r", "--data", "digits16", "--channels-last", "maybe"], "--channels-last"),
     (["generate", "--net", "{files}/digits.safetensors", "--outdir", "{tmp}/g", "--sigma-min", "100"],
      "--sigma-min"),
     # phema
@@ -134,3 +137,24 @@ def test_sweep_on_a_non_digits_run(tmp_path, capsys):
     edm_io.save(edm_io.build_net(**kw), tmp_path / "phema-0000001-0.100.safetensors", nimg=1000, sigma_rel=0.1)
     err = _error(["sweep", "--indir", str(tmp_path), "--std", "0.05"], capsys)
     assert "digits" in err
+
+
+def test_generate_channels_last_gives_the_same_images(files, tmp_path, monkeypatch):
+    """--channels-last runs the U-Net in channels_last; the PNGs match the default run's up to one
+    8-bit level (convolution rounding, fp32 on CPU)."""
+    import numpy as np
+    from PIL import Image
+    from edm2fast.commands import generate as gen
+    loaded = []
+    real = gen.load_net
+    monkeypatch.setattr(gen, "load_net", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    outs = {}
+    for flag in ("0", "1"):
+        rc = cli.main(["generate", "--net", str(files / "digits.safetensors"), "--outdir", str(tmp_path / flag),
+                       "--seeds", "0-1", "--steps", "3", "--channels-last", flag, "--device", "cpu"])
+        assert rc == 0
+        pngs = sorted((tmp_path / flag).rglob("0*.png"))
+        assert len(pngs) == 2, sorted((tmp_path / flag).rglob("*"))
+        outs[flag] = np.stack([np.asarray(Image.open(p), dtype=np.int16) for p in pngs])
+    assert [n.channels_last for n in loaded] == [False, True]
+    assert np.abs(outs["0"] - outs["1"]).max() <= 1

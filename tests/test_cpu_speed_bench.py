@@ -88,3 +88,21 @@ def test_cl_variant_builds_a_channels_last_network(monkeypatch):
     S.make_train_step(TINY, 1, torch.float32, torch.device("cpu"), "reference+cl")
     S.make_train_step(TINY, 1, torch.float32, torch.device("cpu"), "reference")
     assert built[0].get("channels_last") is True and not built[1].get("channels_last")
+
+
+def test_sampler_table_times_variants_with_ratios(monkeypatch):
+    """Every variant (channels_last, compiled) is a sampler row with its speed-up over the reference;
+    only fused variants carry the target flag; a channels_last network really runs channels_last."""
+    monkeypatch.setattr(torch, "compile", lambda m: m)
+    built = []
+    real_build = S.M._build
+    monkeypatch.setattr(S.M, "_build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    rows = S.sampler_table(TINY, 1, ["reference", "reference+compile", "cuda+cl"], num_steps=2, rounds=1)
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"reference", "reference+compile", "cuda+cl"}
+    assert by["cuda+cl"]["backend"] == "cuda" and by["cuda+cl"]["n"] == 1
+    assert by["reference"]["x_reference"] == pytest.approx(1.0)
+    assert "met_reference" in by["cuda+cl"] and "met_reference" not in by["reference+compile"]
+    assert by["cuda+cl"]["x_reference"] == pytest.approx(by["reference"]["median_ms"] / by["cuda+cl"]["median_ms"])
+    assert "x_reference+compile" in by["cuda+cl"]
+    assert [getattr(n, "channels_last", False) for n in built] == [False, False, True]

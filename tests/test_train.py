@@ -243,3 +243,39 @@ def test_final_snapshot_never_replaces_an_interval_snapshot(tmp_path):
     assert trainer.save_snapshots() == []
     assert edm_io.read_metadata(first[0])["nimg"] == 1024
     assert any("no final snapshot" in m for m in lines)
+
+
+def test_channels_last_run_matches_the_default_run(tmp_path):
+    """--channels-last: the U-Net trains in channels_last (its activations too), and the weights after a
+    few steps match the default run's up to convolution rounding (fp32, stated tolerance 1e-4 relative);
+    its snapshot loads as an ordinary one and may be resumed without it."""
+    cfg = dict(duration=128, snapshot=None, checkpoint=128)
+    seen = []
+    real_build = edm_io.build_net
+    import edm2fast.train as T
+    orig = T.edm_io.build_net
+    T.edm_io.build_net = lambda *a, **k: seen.append(k.get("channels_last")) or real_build(*a, **k)
+    try:
+        cl = train.Trainer(_config(tmp_path / "cl", channels_last=True, **cfg), log=_quiet)
+    finally:
+        T.edm_io.build_net = orig
+    assert seen == [True] and cl.net.channels_last
+    conv = next(m for m in cl.net.modules() if isinstance(m, torch.nn.Module) and getattr(m, "weight", None) is not None
+                and m.weight.ndim == 4 and m.weight.shape[-1] == 3)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    cl.run()
+    train.train(_config(tmp_path / "nchw", **cfg), log=_quiet)
+    _, a, _ = _final_state(tmp_path / "cl")
+    _, b, _ = _final_state(tmp_path / "nchw")
+    for k in b["net"]:
+        ref = b["net"][k].double()
+        err = (a["net"][k].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
+        assert err < 1e-4, f"{k}: relative difference {err:.2e}"
+    # channels_last is a runtime choice: resuming without it is allowed
+    r = train.train(_config(tmp_path / "cl", **dict(cfg, duration=160)), log=_quiet)
+    assert r["cur_nimg"] == 160
+
+
+def test_channels_last_must_be_a_bool(tmp_path):
+    with pytest.raises(ValueError, match="channels_last"):
+        train.Trainer(_config(tmp_path, channels_last="yes"), log=_quiet)

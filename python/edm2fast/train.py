@@ -74,6 +74,7 @@ SMALL_PRESETS: dict[str, dict] = {
 # Config fields that may differ between a checkpoint and the run resuming it: they change
 # neither the trained weights nor the meaning of what is written.
 _RESUMABLE_CHANGES = {"duration", "slice", "status", "checkpoint", "snapshot", "backend", "compile", "step_mode",
+                      "channels_last",
                       "workers", "device", "progress", "keep_checkpoints", "batch_gpu", "run_dir", "bench",
                       "require_labels"}
 
@@ -199,6 +200,7 @@ class TrainConfig:
     backend: str = "auto"           # mpkernels backend
     compile: bool = False
     step_mode: str = "auto"         # 'auto' | 'eager' | 'graph' | 'compile' (edm2fast.graphs)
+    channels_last: bool = False     # the U-Net in the channels_last memory format (Precond(channels_last=True))
     seed: int = 0
     ema_stds: tuple = (0.050, 0.100)
     snapshot: Any = None            # images between EMA snapshots
@@ -306,6 +308,8 @@ def _resolve(cfg: TrainConfig) -> dict:
         raise ValueError(f"keep_checkpoints: expected an integer >= 1, got {r['keep_checkpoints']!r}")
     if int(r["seed"]) != r["seed"] or r["seed"] < 0:
         raise ValueError(f"seed: expected an integer >= 0, got {r['seed']!r}")
+    if not isinstance(r.get("channels_last", False), bool):
+        raise ValueError(f"channels_last: expected True or False, got {r['channels_last']!r}")
     if r["step_mode"] not in ("auto", "eager", "graph", "compile"):
         raise ValueError(f"step_mode: expected auto, eager, graph or compile, got {r['step_mode']!r}")
     if r["workers"] < 0:
@@ -542,7 +546,8 @@ class Trainer:
                              f"(the network has {levels} levels)")
 
         torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-        self.net = edm_io.build_net(dtype=cfg["dtype"], **self.network_kwargs).to(self.device)
+        self.net = edm_io.build_net(dtype=cfg["dtype"], channels_last=bool(cfg.get("channels_last", False)),
+                                    **self.network_kwargs).to(self.device)
         self.net.train().requires_grad_(True)
         networks.set_forced_weight_norm(self.net, False)  # done once per step instead (spec §1 note)
         self._mpconv_weights = networks.forced_norm_weights(self.net)

@@ -40,7 +40,7 @@ import torch
 from ..cli import UserError
 from ..cli import resolve_device as _device
 from .dataset import add_vae_arguments, open_vae
-from .train import finite_float, nonneg_float, nonneg_int, positive_float, positive_int
+from .train import bool_arg, finite_float, nonneg_float, nonneg_int, positive_float, positive_int
 
 DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
 
@@ -85,9 +85,11 @@ def class_arg(value: str):
         raise argparse.ArgumentTypeError(f"expected a class index >= 0, 'random' or 'cycle', got {value!r}") from None
 
 
-def load_net(path: str, what: str = "net", device="cpu", dtype: str | None = None) -> torch.nn.Module:
+def load_net(path: str, what: str = "net", device="cpu", dtype: str | None = None,
+             channels_last: bool | None = None) -> torch.nn.Module:
     """A snapshot, an authors' pickle or a release training state (a path or an http(s) URL,
-    downloaded once into the cache) as an eval-mode Precond; UserError for bad files."""
+    downloaded once into the cache) as an eval-mode Precond; UserError for bad files.
+    ``channels_last``: run the U-Net in that memory format (None: as the snapshot records)."""
     from .. import download
     from .. import io as edm_io
     if not path:
@@ -104,7 +106,8 @@ def load_net(path: str, what: str = "net", device="cpu", dtype: str | None = Non
     if dtype is None and torch.device(device).type == "cpu":
         dtype = "fp32"  # a GPU-trained snapshot records fp16 compute; slow or unsupported on CPUs
     try:
-        net = edm_io.load(path, device=device, compute_dtype=dtype)
+        overrides = {} if channels_last is None else {"channels_last": bool(channels_last)}
+        net = edm_io.load(path, device=device, compute_dtype=dtype, **overrides)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         msg = str(e)
         if path in msg:
@@ -355,6 +358,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                         help="compute precision (default: the snapshot's on CUDA, fp32 on CPU)")
     parser.add_argument("--backend", default="auto", help="mpkernels backend (default: auto)")
+    parser.add_argument("--channels-last", type=bool_arg, nargs="?", const=True, default=None, metavar="BOOL",
+                        help="run the U-Net in the channels_last memory format (faster convolutions on CPUs and "
+                             "tensor cores; default: as the snapshot records, normally 0)")
     parser.add_argument("--eval-mode", choices=["auto", "eager", "graph", "compile"], default="auto",
                         help="how the network evaluations run: graph = one CUDA graph per batch shape, replayed "
                              "(the eager images); compile = torch.compile; auto (default) = graph on CUDA, else "
@@ -446,8 +452,8 @@ def run(args) -> int:
 
 def _run(args, dist, net_path, gnet_path, guidance) -> int:
     device = dist.device
-    net = load_net(net_path, "net", device, args.dtype)
-    gnet = load_net(gnet_path, "gnet", device, args.dtype) if gnet_path else None
+    net = load_net(net_path, "net", device, args.dtype, args.channels_last)
+    gnet = load_net(gnet_path, "gnet", device, args.dtype, args.channels_last) if gnet_path else None
     if gnet is None and guidance != 1:
         raise UserError(f"--guidance {guidance}: needs a guiding network (--gnet)")
     if gnet is not None and guidance == 1:
