@@ -158,3 +158,50 @@ def clip_in_a_gap(x, y, t):
     i = int(gaps.argmax())
     assert float(gaps[i]) > 2e-2, "no clear gap for the clip value; change the seed"
     return float(s[i] + s[i + 1]) / 2
+
+
+def record_triton_launches(monkeypatch, keep=lambda cfg, args: cfg) -> list:
+    """Record every Triton launch (``keep(cfg, args)`` of each) for the rest of the test."""
+    from mpkernels.triton import _common
+    seen = []
+    original = _common.launch
+
+    def recording(cfg, grid, *args, **kwargs):
+        seen.append(keep(cfg, args))
+        return original(cfg, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_common, "launch", recording)
+    return seen
+
+
+@pytest.fixture
+def declared_triton_launches(monkeypatch):
+    """The test's Triton launch configurations; afterwards each must be one the backend declares in
+    ``all_configs()`` (the ones the AOT test compiles). Empty where Triton is not installed."""
+    try:
+        from mpkernels.triton import _common
+    except ImportError:
+        yield []
+        return
+    seen = record_triton_launches(monkeypatch)
+    yield seen
+    declared = set(_common.all_configs())
+    undeclared = [c.name for c in seen if c not in declared]
+    assert not undeclared, f"launched configurations missing from all_configs(): {undeclared}"
+
+
+def assert_compile_matches_eager(step, make_leaves, backend: str, tol: float = 1e-6) -> None:
+    """``step(*leaves) -> loss`` under ``torch.compile(fullgraph=True)`` (aot_eager: the custom ops
+    traced, no graph break) gives eager's loss and leaf gradients, with ``backend`` active (strict)."""
+    import mpkernels as mk
+
+    def grads(fn):
+        leaves = make_leaves()
+        with mk.use_backend(backend, strict=True):
+            loss = fn(*leaves)
+            loss.backward()
+        return [loss.detach()] + [a.grad for a in leaves]
+
+    torch._dynamo.reset()
+    for g, w in zip(grads(torch.compile(step, fullgraph=True, backend="aot_eager")), grads(step)):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)

@@ -12,32 +12,14 @@ import pytest
 import torch
 
 import mpkernels as mk
-from torch.utils._python_dispatch import TorchDispatchMode
-from conftest import kernel_device
+from conftest import OpNames, kernel_device
 
 DEV = kernel_device()
 
 
 @pytest.fixture(autouse=True)
-def _declared_launches(monkeypatch):
+def _declared_launches(declared_triton_launches):
     """Every Triton launch must be a configuration the backend declares (the AOT test compiles those)."""
-    try:
-        from mpkernels.triton import _common
-    except ImportError:
-        yield
-        return
-    declared = set(_common.all_configs())
-    seen = []
-    original = _common.launch
-
-    def recording(cfg, grid, *args, **kwargs):
-        seen.append(cfg)
-        return original(cfg, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_common, "launch", recording)
-    yield
-    undeclared = [c.name for c in seen if c not in declared]
-    assert not undeclared, f"launched configurations missing from all_configs(): {undeclared}"
 
 
 def _backends() -> list[str]:
@@ -228,19 +210,6 @@ def test_tensors_at_any_addresses(backend):
 
 # --- launches, tracing, capture ----------------------------------------------------------------
 
-class _OpRecorder(TorchDispatchMode):
-    """Every op that would run (launch) on a device: views and detaches excluded."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func is not torch.ops.aten.detach.default:
-            self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_one_op_per_dtype_group_on_meta():
     """Under ``simulate('triton')`` (launch accounting on meta tensors), ten weights in two output
     dtypes are two ops forward and at most two per group backward, whatever the gains and qkv rows."""
@@ -251,12 +220,12 @@ def test_one_op_per_dtype_group_on_meta():
     heads = [None] * 9 + [2]
     grads = [torch.empty(w.shape, dtype=d, device="meta") for w, d in zip(ws, dtypes)]
     with _dispatch.simulate("triton"):
-        with _OpRecorder() as fwd:
+        with OpNames() as fwd:
             outs = mk.mp_weights(ws, gains, qkv_heads=heads, dtypes=dtypes)
-        with _OpRecorder() as bwd:
+        with OpNames() as bwd:
             torch.autograd.backward(outs, grads)
-    assert fwd.ops == ["mpkernels.triton_mp_weights"] * 2, fwd.ops
-    assert bwd.ops == ["mpkernels.triton_mp_weights_backward"] * 2, bwd.ops
+    assert fwd.names == ["mpkernels.triton_mp_weights"] * 2, fwd.names
+    assert bwd.names == ["mpkernels.triton_mp_weights_backward"] * 2, bwd.names
     assert all(w.grad is not None and w.grad.shape == w.shape for w in ws)
     assert all(g.grad is not None for g in gains if isinstance(g, torch.Tensor))
 

@@ -13,34 +13,17 @@ import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpkernels as mk
-from conftest import kernel_device
+from conftest import OpNames, kernel_device
 
 DEV = kernel_device()
 HAS_TRITON = "triton" in mk.available_backends()
 
 
 @pytest.fixture(autouse=True)
-def _declared_launches(monkeypatch):
+def _declared_launches(declared_triton_launches):
     """Every Triton launch must be a configuration the backend declares (the AOT test compiles those)."""
-    if not HAS_TRITON:
-        yield
-        return
-    from mpkernels.triton import _common
-    declared = set(_common.all_configs())
-    seen = []
-    original = _common.launch
-
-    def recording(cfg, grid, *args, **kwargs):
-        seen.append(cfg)
-        return original(cfg, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_common, "launch", recording)
-    yield
-    undeclared = [c.name for c in seen if c not in declared]
-    assert not undeclared, f"launched configurations missing from all_configs(): {undeclared}"
 
 
 def make_case(seed: int = 0, device=DEV):
@@ -159,43 +142,27 @@ def test_triton_fused_equals_its_unfused_pair():
 
 # --- launches ----------------------------------------------------------------------------------
 
-class _OpRecorder(TorchDispatchMode):
-    """Every op that would run (launch) on a device: views and detaches excluded."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func is not torch.ops.aten.detach.default:
-            self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not available")
 @pytest.mark.parametrize("tensor_gains", [False, True])
-def test_triton_one_launch_forward_one_backward(monkeypatch, tensor_gains):
+def test_triton_one_launch_forward_one_backward(declared_triton_launches, tensor_gains):
     """One op and one kernel launch forward per dtype group (normalization included), one backward
     launch (+ one segment-sum launch with tensor gains), as mp_weights without the flag."""
-    from mpkernels.triton import _common
     weights, gains, heads = make_case(6)
     if not tensor_gains:
         gains = [0.5 * (i + 1) for i in range(len(weights))]
-    launched = []
-    original = _common.launch
-    monkeypatch.setattr(_common, "launch", lambda cfg, grid, *a, **k: (launched.append(cfg.kernel.__name__),
-                                                                       original(cfg, grid, *a, **k)))
+    launched = declared_triton_launches
     ups = [torch.randn(w.shape, device=DEV) for w in weights]
     with mk.use_backend("triton", strict=True):
-        with _OpRecorder() as fwd:
+        with OpNames() as fwd:
             outs = mk.mp_weights(weights, gains, qkv_heads=heads, force_normalize=True)
-        fwd_launches, launched[:] = list(launched), []
-        with _OpRecorder() as bwd:
+        fwd_launches = [c.kernel.__name__ for c in launched]
+        with OpNames() as bwd:
             torch.autograd.backward(outs, ups)
-    assert fwd.ops == ["mpkernels.triton_mp_weights_forced"], fwd.ops
+    bwd_launches = [c.kernel.__name__ for c in launched[len(fwd_launches):]]
+    assert fwd.names == ["mpkernels.triton_mp_weights_forced"], fwd.names
     assert fwd_launches == ["_mp_weights_fwd_kernel"], fwd_launches
-    assert bwd.ops == ["mpkernels.triton_mp_weights_backward"], bwd.ops
-    assert launched == ["_mp_weights_bwd_kernel"] + ["_segment_sum_kernel"] * tensor_gains, launched
+    assert bwd.names == ["mpkernels.triton_mp_weights_backward"], bwd.names
+    assert bwd_launches == ["_mp_weights_bwd_kernel"] + ["_segment_sum_kernel"] * tensor_gains, bwd_launches
     assert all(w.grad is not None for w in _leaves(weights, gains))
 
 
@@ -207,13 +174,13 @@ def test_triton_one_op_per_dtype_group_on_meta():
     gains = [torch.ones((), device="meta", requires_grad=True) if i % 3 == 0 else 1.5 for i in range(6)]
     dtypes = [torch.bfloat16 if i % 2 else torch.float32 for i in range(6)]
     with _dispatch.simulate("triton"):
-        with _OpRecorder() as fwd:
+        with OpNames() as fwd:
             outs = mk.mp_weights(ws, gains, dtypes=dtypes, force_normalize=True)
         grads = [torch.empty(o.shape, dtype=o.dtype, device="meta") for o in outs]
-        with _OpRecorder() as bwd:
+        with OpNames() as bwd:
             torch.autograd.backward(outs, grads)
-    assert fwd.ops == ["mpkernels.triton_mp_weights_forced"] * 2, fwd.ops
-    assert bwd.ops == ["mpkernels.triton_mp_weights_backward"] * 2, bwd.ops
+    assert fwd.names == ["mpkernels.triton_mp_weights_forced"] * 2, fwd.names
+    assert bwd.names == ["mpkernels.triton_mp_weights_backward"] * 2, bwd.names
     assert all(w.grad is not None and w.grad.shape == w.shape for w in ws)
 
 

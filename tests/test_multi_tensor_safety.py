@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mpkernels as mk
-from conftest import kernel_device
+from conftest import kernel_device, record_triton_launches
 from mpkernels import _validate as V
 
 DEV = kernel_device()
@@ -176,15 +176,7 @@ def test_triton_tensor_weight_matches_float_weight(mt, dtypes):
 
 def test_triton_weight_reaches_kernel_as_tensor(mt, monkeypatch):
     """The launch gets the weight tensor itself (read by the kernel), so a replay sees its new value."""
-    from mpkernels.triton import _common
-    seen = []
-    original = _common.launch
-
-    def recording(cfg, grid, *args, **kwargs):
-        seen.append(args)
-        return original(cfg, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_common, "launch", recording)
+    seen = record_triton_launches(monkeypatch, keep=lambda cfg, args: args)
     e, t = torch.zeros(100, device=DEV), torch.ones(100, device=DEV)
     w = torch.tensor(0.25, device=DEV)
     with mk.use_backend("triton", strict=True):

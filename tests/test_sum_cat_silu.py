@@ -7,11 +7,16 @@ import pytest
 import torch
 
 import mpkernels as mk
-from conftest import OpNames, assert_close_to_oracle, clip_in_a_gap, kernel_device
+from conftest import OpNames, assert_close_to_oracle, assert_compile_matches_eager, clip_in_a_gap, kernel_device
 from mpkernels import _dispatch
 
 OP = "mp_sum_clip_mp_cat_mp_silu"
 BACKENDS = mk.available_backends()  # 'triton' included: the interpreter on CPU
+
+
+@pytest.fixture(autouse=True)
+def _declared_launches(declared_triton_launches):
+    """Every Triton launch is a declared configuration (what the AOT test compiles)."""
 
 
 def _inputs(dtype=torch.float32, layout="nchw", shape=(2, 3, 4, 4), skip_channels=5, seed=0):
@@ -130,16 +135,7 @@ def test_compile_fullgraph_matches_eager():
         c, h = mk.mp_sum_clip_mp_cat_mp_silu(x, y, skip, 0.3, 0.5, 0.4)
         return (c * 0.7).sum() + (h * h).sum()
 
-    def grads(fn):
-        leaves = _leaves(tensors)
-        with mk.use_backend("triton", strict=True):
-            loss = fn(*leaves)
-            loss.backward()
-        return [loss.detach()] + [a.grad for a in leaves]
-
-    torch._dynamo.reset()
-    for g, w in zip(grads(torch.compile(step, fullgraph=True, backend="aot_eager")), grads(step)):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    assert_compile_matches_eager(step, lambda: _leaves(tensors), "triton")
 
 
 # --- low precision against the fp64 oracle (conftest's rule: within 2x eager PyTorch's error) -----
