@@ -215,13 +215,14 @@ def _print_train(batch: int, rows: list[dict], fused_adam: bool = False) -> None
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", type=int, nargs="+", default=[2, 32])
+    p.add_argument("--batches", type=int, nargs="*", default=[2, 32], help="training-step batches (none: sampler only)")
     p.add_argument("--variants", nargs="+", default=["reference", "reference+compile", "cuda", "cuda+cl"],
                    help="<backend>[+cl][+compile]: +cl = the U-Net in channels_last, +compile = torch.compile")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--sampler-steps", type=int, default=8, help="Heun steps (0: no sampler table)")
     p.add_argument("--sampler-batch", type=int, default=2)
+    p.add_argument("--sampler-rounds", type=int, default=5, help="rounds of the sampler's timing (one run each)")
     p.add_argument("--profile", metavar="VARIANT", help="profile one variant instead of timing")
     p.add_argument("--fused-adam", action="store_true", help="torch's fused Adam in every variant")
     p.add_argument("--breakdown", action="store_true",
@@ -255,7 +256,8 @@ def main(argv=None) -> dict:
         _print_train(b, rows, args.fused_adam)
     if args.sampler_steps:
         variants = list(dict.fromkeys(["reference", *args.variants]))
-        rows = sampler_table(net_kwargs, args.sampler_batch, variants, args.sampler_steps)
+        rows = sampler_table(net_kwargs, args.sampler_batch, variants, args.sampler_steps,
+                             rounds=args.sampler_rounds)
         report["sampling"] = rows
         print(f"\nsampler, {args.sampler_steps} Heun steps, batch {args.sampler_batch} (target x{SAMPLER_TARGET} "
               f"over reference)")

@@ -63,7 +63,7 @@ class MPConv(torch.nn.Module):
                                  f"got {getattr(weight, 'shape', type(weight).__name__)}")
             weight = weight.to(x.dtype)
             if weight.ndim == 4:
-                return torch.nn.functional.conv2d(x, weight, padding=weight.shape[-1] // 2)
+                return _conv2d_effective(x, weight)
             return torch.nn.functional.linear(x, weight)
         if self.training and self.forced_weight_norm:
             with torch.no_grad():
@@ -78,6 +78,18 @@ class MPConv(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={list(self.weight.shape[2:])}"
+
+
+@torch.jit.ignore
+def _conv2d_effective(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv2d(x, weight, padding=k // 2)``; an effective weight that its owner keeps fixed (marked
+    with a ``_mk_conv_packs`` dict, e.g. the EDM2 network's eval-mode weight cache) is packed for
+    oneDNN once per input shape (:func:`mpkernels.cpu_conv.conv2d_fixed_weight`)."""
+    packs = getattr(weight, "_mk_conv_packs", None)
+    if packs is not None:
+        from .cpu_conv import conv2d_fixed_weight
+        return conv2d_fixed_weight(x, weight, packs)
+    return torch.nn.functional.conv2d(x, weight, padding=weight.shape[-1] // 2)
 
 
 class MPFourier(torch.nn.Module):

@@ -301,7 +301,8 @@ def effective_weights(owner: torch.nn.Module, layers) -> dict:
     or :func:`fold_forced_norm` asked for it, else with one :func:`mpkernels.force_normalize_`
     call over those that have it. In eval mode without autograd the result is cached on ``owner`` and reused
     while no parameter changed (same tensors, same ``_version``): the sampler evaluates the
-    network many times with the same weights. Never while compiling or capturing a CUDA graph.
+    network many times with the same weights (on a CPU the cached convolution weights are also packed
+    for oneDNN once, :mod:`mpkernels.cpu_conv`). Never while compiling or capturing a CUDA graph.
     In-place writes through ``param.data`` bypass the version counter; call
     :func:`clear_weight_cache` after them.
     """
@@ -328,6 +329,10 @@ def effective_weights(owner: torch.nn.Module, layers) -> dict:
                         qkv_heads=[heads for *_, heads, _ in layers], dtypes=[dtype for *_, dtype in layers],
                         force_normalize=fold)
     weights = dict(zip([name for name, *_ in layers], out))
+    if key is not None:  # fixed until a parameter changes: CPU convolutions may pack them once for oneDNN
+        for w in weights.values():
+            if w.ndim == 4 and w.device.type == "cpu" and w.dtype == torch.float32:
+                w._mk_conv_packs = {}
     if not compiling:  # a plain attribute: not a buffer, never in the state dict
         owner.__dict__["_mp_weight_cache"] = None if key is None else (key, weights)
     return weights

@@ -1,0 +1,74 @@
+"""Convolution with a fixed weight on the CPU: the weight reordered once into oneDNN's blocked
+layout and reused (what inductor does for frozen inference graphs).
+
+``F.conv2d`` on a CPU tensor reorders its weight into oneDNN's blocked layout on every call;
+at the small spatial sizes of an EDM2 sampler run on a CPU that is a fifth or more of the
+convolution's time. :func:`conv2d_fixed_weight` does the reorder once per (weight, input shape)
+and keeps the packed weight in a dictionary the caller owns and drops with the weight (the
+EDM2 network keeps it next to its cached eval-mode effective weights, see
+``edm2fast.networks.effective_weights``).
+
+Used only where it is the same convolution: float32 CPU tensors, no autograd, a channels_last
+input (the packed call returns channels_last, as ``F.conv2d`` does for such an input), a 4-D
+weight with odd square kernel and ``padding = k // 2``, oneDNN enabled. The results equal
+``F.conv2d``'s up to float32 rounding (oneDNN may pick another blocking for the packed weight);
+everything else, and any failure of the private oneDNN entry points (checked once), goes to
+``F.conv2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["conv2d_fixed_weight", "fixed_weight_packing_available"]
+
+_STATE: dict = {}
+
+
+def fixed_weight_packing_available() -> bool:
+    """Whether this torch build has the oneDNN weight packing this module uses (checked once)."""
+    ok = _STATE.get("available")
+    if ok is None:
+        ok = False
+        try:
+            if torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight") \
+                    and hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+                x = torch.randn(1, 3, 5, 5)
+                w = torch.randn(4, 3, 3, 3)
+                got = _packed_call(x, _pack(w, x.shape, 1), 1)
+                ok = bool(torch.allclose(got, torch.nn.functional.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4))
+        except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+            ok = False
+        _STATE["available"] = ok
+    return ok
+
+
+def _pack(w: torch.Tensor, input_shape, pad: int) -> torch.Tensor:
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(w.detach().contiguous().to_mkldnn(), [pad, pad], [1, 1],
+                                                     [1, 1], 1, list(input_shape))
+
+
+def _packed_call(x: torch.Tensor, packed: torch.Tensor, pad: int) -> torch.Tensor:
+    return torch.ops.mkldnn._convolution_pointwise(x, packed, None, [pad, pad], [1, 1], [1, 1], 1, "none", [], "")
+
+
+def _eligible(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
+            and w.dtype == torch.float32 and x.ndim == 4 and w.ndim == 4 and w.shape[-1] == w.shape[-2]
+            and w.shape[-1] % 2 == 1 and x.shape[1] == w.shape[1] and x.numel() > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
+            and x.is_contiguous(memory_format=torch.channels_last) and (x.shape[1] > 1 or x.is_contiguous()))
+
+
+def conv2d_fixed_weight(x: torch.Tensor, w: torch.Tensor, packs: dict) -> torch.Tensor:
+    """``F.conv2d(x, w, padding=w.shape[-1] // 2)``, with ``w``'s oneDNN packing kept in ``packs``
+    (one entry per input shape) when that is the same convolution (see the module docstring)."""
+    pad = w.shape[-1] // 2
+    if not (_eligible(x, w) and fixed_weight_packing_available()):
+        return torch.nn.functional.conv2d(x, w, padding=pad)
+    key = tuple(x.shape)
+    packed = packs.get(key)
+    if packed is None:
+        packed = packs[key] = _pack(w, x.shape, pad)
+    return _packed_call(x, packed, pad)
