@@ -49,5 +49,6 @@ fi
 echo "compat: environment ready in $(( $(date +%s) - t0 )) s"
 # No CUDA extension in this venv: its tests (which build it) stay with the main run.
 "$V/bin/python" -m pytest -q -p no:cacheprovider -m "not slow and not gpu" -k "not test_precond_compiled" \
-  tests/test_triton_*.py tests/test_mp_weights.py tests/test_mp_cat_silu.py "$@"
+  tests/test_triton_*.py tests/test_mp_weights.py tests/test_mp_weights_forced.py tests/test_mp_cat_silu.py \
+  tests/test_sum_norm_silu.py tests/test_sum_cat_silu.py tests/test_up_silu.py tests/test_cpu_conv.py "$@"
 echo "compat: done in $(( $(date +%s) - t0 )) s"

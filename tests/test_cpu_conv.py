@@ -46,6 +46,7 @@ def test_matches_conv2d_and_packs_once_per_shape(k):
     assert got.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 @pytest.mark.parametrize("why", ["grad", "fp64", "even kernel", "no mkldnn", "strided", "nchw"])
 def test_falls_back_to_conv2d(why):
     """Where the packed call would not be the same convolution, it is F.conv2d, nothing packed."""
