@@ -208,13 +208,13 @@ def main(argv=None) -> int:
         R.print_model(report)
 
         # CPU: the issue-10 table, the training step at the default batch (host-bound) and at batch 32
-        # (compute-bound), fused path eager (NCHW and channels_last) against the reference eager and
-        # compiled, all variants timed in turns; and the sampler.
+        # (compute-bound), fused path eager (NCHW and channels_last) and compiled (channels_last)
+        # against the reference eager and compiled, all variants timed in turns; and the sampler.
         if not gpu and not args.quick:
             from . import cpu_speed as CS
             fused = [b for b in backends if b not in ("reference", "triton")]
             cs_variants = ["reference"] + (["reference+compile"] if use_compile else []) + fused + \
-                [f"{b}+cl" for b in fused]
+                [f"{b}+cl" for b in fused] + ([f"{b}+cl+compile" for b in fused] if use_compile else [])
             try:
                 report["cpu_speed"] = CS.main(["--variants", *cs_variants])
             except Exception as e:
