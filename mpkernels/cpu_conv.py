@@ -9,7 +9,8 @@ EDM2 network keeps it next to its cached eval-mode effective weights, see
 ``edm2fast.networks.effective_weights``).
 
 Used only where it is the same convolution: float32 CPU tensors, no autograd, a channels_last
-input (the packed call returns channels_last, as ``F.conv2d`` does for such an input), a 4-D
+input with more than one channel (the packed call returns channels_last, as ``F.conv2d`` does for
+such an input; one channel leaves the layout ambiguous), a 4-D
 weight with odd square kernel and ``padding = k // 2``, oneDNN enabled. The results equal
 ``F.conv2d``'s up to float32 rounding (oneDNN may pick another blocking for the packed weight);
 everything else, and any failure of the private oneDNN entry points (checked once), goes to
@@ -18,29 +19,27 @@ everything else, and any failure of the private oneDNN entry points (checked onc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["conv2d_fixed_weight", "fixed_weight_packing_available"]
 
-_STATE: dict = {}
 
-
+@functools.cache
 def fixed_weight_packing_available() -> bool:
     """Whether this torch build has the oneDNN weight packing this module uses (checked once)."""
-    ok = _STATE.get("available")
-    if ok is None:
-        ok = False
-        try:
-            if torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight") \
-                    and hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
-                x = torch.randn(1, 3, 5, 5)
-                w = torch.randn(4, 3, 3, 3)
-                got = _packed_call(x, _pack(w, x.shape, 1), 1)
-                ok = bool(torch.allclose(got, torch.nn.functional.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4))
-        except (RuntimeError, AttributeError, TypeError, NotImplementedError):
-            ok = False
-        _STATE["available"] = ok
-    return ok
+    try:
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
+                and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+            return False
+        g = torch.Generator().manual_seed(0)  # not the global generator: no side effect on a user's stream
+        x = torch.randn(1, 3, 5, 5, generator=g)
+        w = torch.randn(4, 3, 3, 3, generator=g)
+        got = _packed_call(x, _pack(w, x.shape, 1), 1)
+        return bool(torch.allclose(got, torch.nn.functional.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4))
+    except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+        return False
 
 
 def _pack(w: torch.Tensor, input_shape, pad: int) -> torch.Tensor:
@@ -58,7 +57,7 @@ def _eligible(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.shape[-1] % 2 == 1 and x.shape[1] == w.shape[1] and x.numel() > 0
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
-            and x.is_contiguous(memory_format=torch.channels_last) and (x.shape[1] > 1 or x.is_contiguous()))
+            and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def conv2d_fixed_weight(x: torch.Tensor, w: torch.Tensor, packs: dict) -> torch.Tensor:

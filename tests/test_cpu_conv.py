@@ -47,10 +47,10 @@ def test_matches_conv2d_and_packs_once_per_shape(k):
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
-@pytest.mark.parametrize("why", ["grad", "fp64", "even kernel", "no mkldnn", "strided", "nchw"])
+@pytest.mark.parametrize("why", ["grad", "fp64", "even kernel", "no mkldnn", "strided", "nchw", "one channel"])
 def test_falls_back_to_conv2d(why):
     """Where the packed call would not be the same convolution, it is F.conv2d, nothing packed."""
-    x, w = _case(3, "nchw" if why == "nchw" else "cl")
+    x, w = _case(3, "nchw" if why == "nchw" else "cl", shape=(2, 1, 7, 5) if why == "one channel" else (2, 6, 7, 5))
     packs = {}
     ctx = torch.no_grad()
     if why == "grad":
@@ -106,12 +106,9 @@ def test_network_eval_cache_packs_its_convolutions(channels_last):
         again = net(x, sigma, labels)
         assert all(list(w._mk_conv_packs.values()) == p for w, p in zip(convs, packs))
         clear_weight_cache(net)
-        real = cpu_conv._STATE["available"]
-        cpu_conv._STATE["available"] = False
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_conv, "fixed_weight_packing_available", lambda: False)
             want = net(x, sigma, labels)
-        finally:
-            cpu_conv._STATE["available"] = real
     assert torch.equal(got, again)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -126,3 +123,10 @@ def test_training_and_autograd_weights_are_not_marked():
         net.eval()
         net(x, sigma, labels)  # eval with autograd: nothing cached
     assert net.__dict__.get("_mp_weight_cache") is None
+
+
+def test_availability_check_leaves_the_global_generator_alone():
+    cpu_conv.fixed_weight_packing_available.cache_clear()
+    state = torch.get_rng_state()
+    cpu_conv.fixed_weight_packing_available()
+    assert torch.equal(torch.get_rng_state(), state)
