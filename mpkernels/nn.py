@@ -82,9 +82,15 @@ class MPConv(torch.nn.Module):
 
 @torch.jit.ignore
 def _conv2d_effective(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``conv2d(x, weight, padding=k // 2)``; an effective weight that its owner keeps fixed (marked
+    """``conv2d(x, weight, padding=k // 2)``. On the CPU with a fused backend, a small channels_last 1x1
+    convolution runs as one GEMM (:func:`mpkernels.cpu_conv.conv2d_1x1_gemm`); an effective weight that its owner keeps fixed (marked
     with a ``_mk_conv_packs`` dict, e.g. the EDM2 network's eval-mode weight cache) is packed for
     oneDNN once per input shape (:func:`mpkernels.cpu_conv.conv2d_fixed_weight`)."""
+    if weight.shape[-1] == 1 and x.device.type == "cpu":
+        from ._dispatch import get_backend
+        from .cpu_conv import conv2d_1x1_gemm, conv2d_1x1_gemm_eligible
+        if get_backend() != "reference" and conv2d_1x1_gemm_eligible(x, weight):
+            return conv2d_1x1_gemm(x, weight)
     packs = getattr(weight, "_mk_conv_packs", None)
     if packs is not None:
         from .cpu_conv import conv2d_fixed_weight

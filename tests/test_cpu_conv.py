@@ -1,5 +1,5 @@
-"""mpkernels.cpu_conv: convolutions with a fixed weight packed once for oneDNN (CPU inference), and
-the EDM2 network's use of it for its cached eval-mode weights."""
+"""mpkernels.cpu_conv: convolutions with a fixed weight packed once for oneDNN (CPU inference), small
+1x1 convolutions as one GEMM, and the EDM2 network's use of both."""
 
 from __future__ import annotations
 
@@ -130,3 +130,93 @@ def test_availability_check_leaves_the_global_generator_alone():
     state = torch.get_rng_state()
     cpu_conv.fixed_weight_packing_available()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---- 1x1 convolutions as one GEMM ------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 6, 7, 5), (1, 3, 1, 1), (4, 16, 16, 16)])
+def test_1x1_gemm_matches_conv2d_forward_and_backward(shape):
+    """Forward, both gradients and the output/gradient layouts equal F.conv2d's (fp64 oracle: the GEMM
+    is no further from it than F.conv2d at fp32)."""
+    x, w = _case(1, "cl", shape=shape, out=5, seed=1)
+    assert cpu_conv.conv2d_1x1_gemm_eligible(x, w)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = F.conv2d(x64, w64)
+    g = torch.randn(y64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), g)
+    results = {}
+    for name, fn in (("gemm", cpu_conv.conv2d_1x1_gemm), ("conv", F.conv2d)):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xr, wr)
+        gx, gw = torch.autograd.grad(y, (xr, wr), g.float())
+        results[name] = (y, gx, gw)
+    for got, want, oracle in zip(results["gemm"], results["conv"], (y64, gx64, gw64)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        err = (got.double() - oracle).abs().max().item()
+        assert err <= 4 * max((want.double() - oracle).abs().max().item(), 1e-7)
+    y, gx, _ = results["gemm"]
+    if shape[2] * shape[3] > 1:  # with H = W = 1 both layouts are the same memory
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert gx.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("why", ["nchw", "3x3", "fp64", "one channel", "too many pixels", "cuda-like", "channels"])
+def test_1x1_gemm_eligibility(why):
+    """Only float32 CPU channels_last inputs with C > 1, a [O, C, 1, 1] weight and at most
+    GEMM_1X1_MAX_PIXELS output pixels are eligible."""
+    x, w = _case(1, "cl", shape=(2, 6, 7, 5))
+    assert cpu_conv.conv2d_1x1_gemm_eligible(x, w)
+    if why == "nchw":
+        x = x.contiguous()
+    elif why == "3x3":
+        w = torch.randn(4, 6, 3, 3)
+    elif why == "fp64":
+        x, w = x.double(), w.double()
+    elif why == "one channel":
+        x, w = _case(1, "cl", shape=(2, 1, 7, 5))
+    elif why == "too many pixels":
+        n = cpu_conv.GEMM_1X1_MAX_PIXELS // 35 + 1
+        x = torch.randn(n, 6, 7, 5).contiguous(memory_format=torch.channels_last)
+    elif why == "cuda-like":
+        x = torch.empty(2, 6, 7, 5, device="meta").contiguous(memory_format=torch.channels_last)
+    elif why == "channels":
+        w = torch.randn(4, 5, 1, 1)
+    assert not cpu_conv.conv2d_1x1_gemm_eligible(x, w)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_network_1x1_convolutions_as_gemm(backend):
+    """A channels_last network's 1x1 convolutions run as GEMMs with a fused backend only (the reference
+    backend keeps F.conv2d); training outputs and gradients match the F.conv2d run within fp32 rounding."""
+    if backend not in mk.available_backends():
+        pytest.skip(f"backend {backend!r} is not available here")
+    calls = []
+    real = cpu_conv.conv2d_1x1_gemm
+
+    def counting(x, w):
+        calls.append(tuple(w.shape))
+        return real(x, w)
+
+    x = torch.randn(2, 2, 8, 8)
+    sigma = torch.tensor([0.5, 2.0])
+    labels = torch.eye(3)[[0, 2]]
+    outs = []
+    for limit in (cpu_conv.GEMM_1X1_MAX_PIXELS, 0):
+        net = _net(channels_last=True).train()
+        with pytest.MonkeyPatch.context() as mp, mk.use_backend(backend):
+            mp.setattr(cpu_conv, "conv2d_1x1_gemm", counting)
+            mp.setattr(cpu_conv, "GEMM_1X1_MAX_PIXELS", limit)
+            y = net(x, sigma, labels)
+            y.square().sum().backward()
+        outs.append((y, [p.grad for p in net.parameters()]))
+        if limit:
+            if backend == "reference":
+                assert calls == []
+            else:
+                assert calls and all(s[-2:] == (1, 1) for s in calls)
+            calls.clear()
+    assert calls == []
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
