@@ -279,3 +279,73 @@ def test_host_overhead_rows(cuda_backend):
               "custom_op_us_fwd_bwd", "raw_us_fwd", "overhead_us"):
         assert r[k] is not None and r[k] == r[k], k
     assert by[("mp_conv2d", "cuda")]["raw_us_fwd"] is None  # several kernels: no single raw kernel
+
+
+
+def _inplace_args(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(6, 5, 3, 3, generator=g), torch.randn(4, 7, generator=g)]
+    es = [torch.randn(w.shape, generator=g) for w in ws]
+    return ws, es
+
+
+def _count_custom_op(cuda_backend, monkeypatch, name):
+    """Count calls of the backend's custom op ``name`` (the lean path does not call it)."""
+    ops, calls = cuda_backend._ops.get(), []
+    real = getattr(ops, name)
+    monkeypatch.setattr(ops, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("op", ["force_normalize_", "ema_lerp_"])
+def test_inplace_multi_tensor_lean_path_is_bit_identical(cuda_backend, monkeypatch, op):
+    """force_normalize_ / ema_lerp_ in plain eager call the extension directly: the same values as
+    the custom op, the version counters of the written tensors bumped (as the custom op does), the
+    read-only ones untouched."""
+    calls = _count_custom_op(cuda_backend, monkeypatch, op)
+    results = []
+    for lean in (True, False):
+        ws, es = _inplace_args()
+        before = [t._version for t in ws + es]
+        with mk.use_backend("cuda", strict=True), _library.lean_path(lean):
+            if op == "force_normalize_":
+                mk.force_normalize_(ws)
+                written = ws
+            else:
+                mk.ema_lerp_(es, ws, 0.25)
+                written = es
+        assert len(calls) == (0 if lean else 1)
+        results.append([t.clone() for t in ws + es])
+        for t, b in zip(ws + es, before):
+            assert (t._version > b) == any(t is w for w in written)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    ws0, es0 = _inplace_args()
+    untouched = es0 if op == "force_normalize_" else ws0
+    assert all(torch.equal(a, b) for a, b in zip(results[0][2:] if op == "force_normalize_" else results[0][:2],
+                                                  untouched))
+
+
+def test_inplace_lean_path_trips_autograd_version_check(cuda_backend):
+    """A tensor saved for backward and then updated by the lean path: autograd refuses the backward."""
+    w = torch.randn(6, 5, 3, 3, requires_grad=True)
+    e = torch.randn(6, 5, 3, 3)
+    y = (w * e).sum()  # saves e for backward
+    with mk.use_backend("cuda", strict=True):
+        mk.ema_lerp_([e], [w.detach()], 0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_inplace_lean_path_is_not_taken_with_a_tensor_weight_or_under_a_mode(cuda_backend, monkeypatch):
+    """A tensor weight (read by the kernel, capture-safe) and an active dispatch mode go through the
+    custom op; a number weight in plain eager does not."""
+    calls = _count_custom_op(cuda_backend, monkeypatch, "ema_lerp_")
+    ws, es = _inplace_args()
+    with mk.use_backend("cuda", strict=True):
+        mk.ema_lerp_(es, ws, 0.25)
+        assert calls == []
+        mk.ema_lerp_(es, ws, torch.tensor(0.25))
+        assert len(calls) == 1
+        with _Recorder() as rec:
+            mk.ema_lerp_(es, ws, 0.25)
+    assert len(calls) == 2 and "mpkernels.cuda_ema_lerp_" in rec.names

@@ -33,6 +33,30 @@ __all__ = [
 # sigma_rel of gamma = 0 (a uniform average); any smaller positive sigma_rel has gamma > 0.
 MAX_STD = math.sqrt(1 / 12)
 
+# Bumped by torch's global registration hooks whenever a parameter, buffer or submodule is
+# registered on any module: PowerFunctionEMA's cached (module, name) slots are listed again after
+# any such change (a training step registers nothing, so they are listed once).
+_REGISTRATIONS = [0]
+
+
+def _count_registration(*_):
+    _REGISTRATIONS[0] += 1  # returns None: the registered value is kept as it is
+
+
+for _hook in ('register_module_parameter_registration_hook', 'register_module_buffer_registration_hook',
+              'register_module_module_registration_hook'):
+    getattr(torch.nn.modules.module, _hook)(_count_registration)
+
+
+def _slots(module, named):
+    """`(submodule, local name)` of every entry of `module.named_parameters()` / `named_buffers()`
+    (`named` names the method), in that order (shared entries once, as `parameters()` lists them)."""
+    out = []
+    for full, _ in getattr(module, named)():
+        prefix, _, name = full.rpartition('.')
+        out.append((module.get_submodule(prefix) if prefix else module, name))
+    return out
+
 
 def _unwrap(x, scalar_input):
     return float(x) if scalar_input else x
@@ -194,16 +218,47 @@ class PowerFunctionEMA:
         self._gammas = tuple(std_to_exp(s) for s in stds)  # scalar calls: the values power_function_beta uses
         self.emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in stds]
 
+    def _listing(self):
+        """`[(net params, net buffers), (ema params, ema buffers) for each EMA]` as `(module, name)`
+        slots, listed once and again only after a registration anywhere (`_REGISTRATIONS`)."""
+        cache = getattr(self, '_slot_cache', None)
+        if cache is None or cache[0] != _REGISTRATIONS[0]:
+            listing = [(_slots(m, 'named_parameters'), _slots(m, 'named_buffers'))
+                       for m in (self.net, *self.emas)]
+            (net_p, net_b), *emas = listing
+            if any(len(p) != len(net_p) or len(b) != len(net_b) for p, b in emas):
+                raise RuntimeError('the network changed structure since the EMA was created')
+            cache = self._slot_cache = (_REGISTRATIONS[0], listing)
+        return cache[1]
+
+    @staticmethod
+    def _lookup(slots, table):
+        return [getattr(m, table)[n] for m, n in slots]
+
     def _net_tensors(self):
-        """The net's (detached parameters, buffers): listed once per update, shared by every EMA."""
-        return [p.detach() for p in self.net.parameters()], list(self.net.buffers())
+        """The net's (parameters, buffers): looked up once per update, shared by every EMA."""
+        return self._tensors(0)
+
+    def _tensors(self, k):
+        """(parameters, buffers) of `self.net` (`k = 0`) or of `self.emas[k - 1]`, looked up through the
+        cached slots: a parameter or buffer replaced in its module's table (e.g. by `Module.to` with
+        `torch.__future__.set_overwrite_module_params_on_conversion(True)`) is seen at once."""
+        for attempt in range(2):
+            p_slots, b_slots = self._listing()[k]
+            try:
+                return self._lookup(p_slots, '_parameters'), self._lookup(b_slots, '_buffers')
+            except (KeyError, AttributeError):  # an entry deleted since the listing: list again
+                self._slot_cache = None
+                if attempt:
+                    raise RuntimeError('the network changed structure since the EMA was created') from None
 
     def _pairs(self, ema, net_tensors=None):
-        """Return (ema params, net params, ema buffers, net buffers) as detached tensors."""
+        """Return (ema params, net params, ema buffers, net buffers), the parameters as `Parameter`s
+        (every use is under `no_grad`)."""
         net_p, net_b = net_tensors if net_tensors is not None else self._net_tensors()
-        ema_p = [p.detach() for p in ema.parameters()]
-        ema_b = list(ema.buffers())
-        if len(ema_p) != len(net_p) or len(ema_b) != len(net_b):
+        ema_p, ema_b = self._tensors(1 + next(i for i, e in enumerate(self.emas) if e is ema))
+        if len(ema_p) != len(net_p) or len(ema_b) != len(net_b) or \
+                any(e.shape != p.shape for e, p in zip(ema_p + ema_b, net_p + net_b)):
             raise RuntimeError('the network changed structure since the EMA was created')
         return ema_p, net_p, ema_b, net_b
 
