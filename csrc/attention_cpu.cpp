@@ -49,7 +49,7 @@ void fwd_t(const QkvView& s, const T* x, T* const* out, const HeadsStrides& os, 
   const int64_t sd = s.cd * s.sC;
   if (s.sL == 1 && s.L > 1) {  // NCHW: per (n, head, j), vectors over pixels
     const int64_t tasks = s.N * s.heads * 3;
-    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, tasks, 1, [=](int64_t b, int64_t e) {
       std::vector<float> acc(s.L);
       for (int64_t t = b; t < e; ++t) {
         const int64_t j = t % 3, head = (t / 3) % s.heads, n = t / (3 * s.heads);
@@ -78,7 +78,7 @@ void fwd_t(const QkvView& s, const T* x, T* const* out, const HeadsStrides& os, 
     return;
   }
   const int64_t pixels = s.N * s.L;
-  at::parallel_for(0, pixels, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, pixels, 1, [=](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t n = p / s.L, l = p % s.L;
       for (int64_t head = 0; head < s.heads; ++head)
@@ -106,7 +106,7 @@ void bwd_t(const QkvView& s, const T* const* g, const HeadsStrides* gs, const T*
   const int64_t sd = s.cd * s.sC, od = s.cd * osC;
   if (s.sL == 1 && osL == 1 && s.L > 1) {  // NCHW: per (n, head, j), vectors over pixels
     const int64_t tasks = s.N * s.heads * 3;
-    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, tasks, 1, [=](int64_t b, int64_t e) {
       std::vector<float> dot(s.L), inv(s.L);
       for (int64_t t = b; t < e; ++t) {
         const int64_t j = t % 3, head = (t / 3) % s.heads, n = t / (3 * s.heads);
@@ -137,7 +137,7 @@ void bwd_t(const QkvView& s, const T* const* g, const HeadsStrides* gs, const T*
     return;
   }
   const int64_t pixels = s.N * s.L;
-  at::parallel_for(0, pixels, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, pixels, 1, [=](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t n = p / s.L, l = p % s.L;
       for (int64_t head = 0; head < s.heads; ++head)

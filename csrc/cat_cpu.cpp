@@ -33,7 +33,7 @@ inline void scale_row(const T* src, T* dst, int64_t k, float scale) {
 template <typename T>
 void cat_t(int64_t M, int64_t Ka, int64_t Kb, const T* a, const T* b, T* out, float ca, float cb) {
   const int64_t K = Ka + Kb;
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [&](int64_t s, int64_t e) {
+  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [=](int64_t s, int64_t e) {
     for (int64_t m = s; m < e; ++m) {
       scale_row(a + m * Ka, out + m * K, Ka, ca);
       scale_row(b + m * Kb, out + m * K + Ka, Kb, cb);
@@ -44,7 +44,7 @@ void cat_t(int64_t M, int64_t Ka, int64_t Kb, const T* a, const T* b, T* out, fl
 template <typename T>
 void split_t(int64_t M, int64_t Ka, int64_t Kb, const T* g, T* ga, T* gb, float ca, float cb) {
   const int64_t K = Ka + Kb;
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [&](int64_t s, int64_t e) {
+  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [=](int64_t s, int64_t e) {
     for (int64_t m = s; m < e; ++m) {
       scale_row(g + m * K, ga + m * Ka, Ka, ca);
       scale_row(g + m * K + Ka, gb + m * Kb, Kb, cb);
@@ -130,7 +130,7 @@ template <typename T>
 void cat_silu_t(int64_t M, int64_t Ka, int64_t Kb, const T* a, const T* b, T* x, T* y, float ca, float cb) {
   const int64_t K = Ka + Kb;
   const int isa = isa_level();
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [&](int64_t s, int64_t e) {
+  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [=](int64_t s, int64_t e) {
 #if MPK_CAT_MULTI_ISA
     if (isa == 2) return cs_avx512::cat_silu_rows<T>(s, e, Ka, Kb, a, b, x, y, ca, cb);
     if (isa == 1) return cs_avx2::cat_silu_rows<T>(s, e, Ka, Kb, a, b, x, y, ca, cb);
@@ -144,7 +144,7 @@ void cat_silu_bwd_t(int64_t M, int64_t Ka, int64_t Kb, const T* gx, const T* gy,
                     float cb) {
   const int64_t K = Ka + Kb;
   const int isa = isa_level();
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [&](int64_t s, int64_t e) {
+  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [=](int64_t s, int64_t e) {
 #if MPK_CAT_MULTI_ISA
     if (isa == 2) return cs_avx512::cat_silu_grad_rows<T, kGx, kGy>(s, e, Ka, Kb, gx, gy, x, ga, gb, ca, cb);
     if (isa == 1) return cs_avx2::cat_silu_grad_rows<T, kGx, kGy>(s, e, Ka, Kb, gx, gy, x, ga, gb, ca, cb);

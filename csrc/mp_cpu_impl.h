@@ -53,21 +53,21 @@ struct PixelWalker {
 
 template <typename T>
 void mp_silu_fwd_t(int64_t n, const T* x, T* y) {
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) y[i] = from_f<T>(mp_silu_f(to_f(x[i])));
   });
 }
 
 template <typename T>
 void mp_silu_bwd_t(int64_t n, const T* g, const T* x, T* gx) {
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) gx[i] = from_f<T>(to_f(g[i]) * mp_silu_grad_f(to_f(x[i])));
   });
 }
 
 template <typename T>
 void mp_sum_clip_fwd_t(int64_t n, const T* a, const T* b, T* y, float t, float scale, float clip) {
-  at::parallel_for(0, n, kGrain, [&](int64_t s, int64_t e) {
+  at::parallel_for(0, n, kGrain, [=](int64_t s, int64_t e) {
     for (int64_t i = s; i < e; ++i) y[i] = from_f<T>(clip_f(lerp_f(to_f(a[i]), to_f(b[i]), t) * scale, clip));
   });
 }
@@ -76,7 +76,7 @@ template <typename T>
 void mp_sum_clip_bwd_t(int64_t n, const T* g, const T* a, const T* b, T* ga, T* gb, float t, float scale,
                        float clip) {
   const float wa = (1.0f - t) * scale, wb = t * scale;
-  at::parallel_for(0, n, kGrain, [&](int64_t s, int64_t e) {
+  at::parallel_for(0, n, kGrain, [=](int64_t s, int64_t e) {
     for (int64_t i = s; i < e; ++i) {
       float pre = lerp_f(to_f(a[i]), to_f(b[i]), t) * scale;
       float gm = clip_grad_f(to_f(g[i]), pre, clip);
@@ -92,7 +92,7 @@ void mp_sum_clip_bwd_t(int64_t n, const T* g, const T* a, const T* b, T* ga, T* 
 template <typename T>
 void modulated_fwd_t(const NCL& s, const T* y, const void* c, DType cdt, int64_t csN, int64_t csC, T* out) {
   if (s.sC != 1) {  // NCHW (sL == 1): one scale per unit-stride row of L pixels
-    at::parallel_for(0, s.N * s.C, grain_for(s.L), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, s.N * s.C, grain_for(s.L), [=](int64_t b, int64_t e) {
       for (int64_t row = b; row < e; ++row) {
         const int64_t n = row / s.C, ch = row % s.C;
         const float sc = load_any(c, cdt, n * csN + ch * csC);
@@ -101,7 +101,7 @@ void modulated_fwd_t(const NCL& s, const T* y, const void* c, DType cdt, int64_t
       }
     });
   } else {  // channels_last (sC == 1): a unit-stride row of C channels per pixel
-    at::parallel_for(0, s.N * s.L, grain_for(s.C), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, s.N * s.L, grain_for(s.C), [=](int64_t b, int64_t e) {
       std::vector<float> sc(s.C);
       int64_t cur_n = -1;
       PixelWalker walk(s, b);
@@ -123,7 +123,7 @@ template <typename T>
 void modulated_bwd_t(const NCL& s, const T* g, const T* y, const void* c, DType cdt, int64_t csN, int64_t csC,
                      T* gy, void* gc, int64_t gcsN, int64_t gcsC) {
   if (s.sC != 1) {
-    at::parallel_for(0, s.N * s.C, grain_for(s.L), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, s.N * s.C, grain_for(s.L), [=](int64_t b, int64_t e) {
       for (int64_t row = b; row < e; ++row) {
         const int64_t n = row / s.C, ch = row % s.C;
         const float sc = load_any(c, cdt, n * csN + ch * csC);
@@ -154,12 +154,13 @@ void modulated_bwd_t(const NCL& s, const T* g, const T* y, const void* c, DType 
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(s.L, grain_for(s.C)));
   const int64_t chunks = (s.L + chunk - 1) / chunk;
   std::vector<float> partial(static_cast<size_t>(s.N * chunks * s.C));
-  at::parallel_for(0, s.N * chunks, 1, [&](int64_t b, int64_t e) {
+  float* const partial_base = partial.data();
+  at::parallel_for(0, s.N * chunks, 1, [=](int64_t b, int64_t e) {
     std::vector<float> sc(s.C);
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / chunks, l0 = (task % chunks) * chunk, l1 = std::min(s.L, l0 + chunk);
       for (int64_t ch = 0; ch < s.C; ++ch) sc[ch] = load_any(c, cdt, n * csN + ch * csC);
-      float* acc = partial.data() + task * s.C;
+      float* acc = partial_base + task * s.C;
       const float* scp = sc.data();
       for (int64_t l = l0; l < l1; ++l) {
         const int64_t off = n * s.sN + l * s.sL;
@@ -190,7 +191,7 @@ void pixel_norm_fwd_t(const NCL& s, const T* x, T* xn, T* y, float* rms, float e
   const float inv_c = 1.0f / static_cast<float>(s.C);
   if (s.sC == 1) {  // channels_last: channels of a pixel are contiguous; blocks of kPixBlock pixels
     const int64_t pixels = s.N * s.L, blocks = (pixels + kPixBlock - 1) / kPixBlock;
-    at::parallel_for(0, blocks, grain_for(kPixBlock * s.C), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, blocks, grain_for(kPixBlock * s.C), [=](int64_t b, int64_t e) {
       float r[kPixBlock];
       int64_t offs[kPixBlock];
       for (int64_t blk = b; blk < e; ++blk) {
@@ -228,7 +229,7 @@ void pixel_norm_fwd_t(const NCL& s, const T* x, T* xn, T* y, float* rms, float e
   }
   // NCHW (sL == 1): a block of pixels at a time, inner loops along the unit-stride pixels.
   const int64_t tiles = (s.L + kPixBlock - 1) / kPixBlock;
-  at::parallel_for(0, s.N * tiles, grain_for(kPixBlock * s.C), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, s.N * tiles, grain_for(kPixBlock * s.C), [=](int64_t b, int64_t e) {
     float acc[kPixBlock], r[kPixBlock];
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / tiles, l0 = (task % tiles) * kPixBlock, len = std::min(kPixBlock, s.L - l0);
@@ -275,7 +276,7 @@ template <typename T, bool G1, bool G2>
 void pixel_norm_bwd_g(const NCL& s, const T* gxn, const T* gy, const T* x, const float* rms, T* gx, float eps) {
   const float inv_c = 1.0f / static_cast<float>(s.C);
   if (s.sC == 1) {
-    at::parallel_for(0, s.N * s.L, grain_for(s.C), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, s.N * s.L, grain_for(s.C), [=](int64_t b, int64_t e) {
       std::vector<float> gt(s.C);
       PixelWalker walk(s, b);
       for (int64_t pix = b; pix < e; ++pix, walk.next()) {
@@ -304,7 +305,7 @@ void pixel_norm_bwd_g(const NCL& s, const T* gxn, const T* gy, const T* x, const
     return;
   }
   const int64_t tiles = (s.L + kPixBlock - 1) / kPixBlock;
-  at::parallel_for(0, s.N * tiles, grain_for(kPixBlock * s.C), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, s.N * tiles, grain_for(kPixBlock * s.C), [=](int64_t b, int64_t e) {
     std::vector<float> gt(static_cast<size_t>(s.C * kPixBlock));
     float r[kPixBlock], d[kPixBlock];
     for (int64_t task = b; task < e; ++task) {
@@ -350,7 +351,7 @@ void pixel_norm_bwd_t(const NCL& s, const T* gxn, const T* gy, const T* x, const
 template <typename T>
 void mp_weight_fwd_t(int64_t rows, int64_t len, const T* w, float k, float eps, float* out, float* rms) {
   const float inv_len = 1.0f / static_cast<float>(len);
-  at::parallel_for(0, rows, grain_for(len), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, grain_for(len), [=](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o) {
       const T* wr = w + o * len;
       float* orow = out + o * len;
@@ -366,7 +367,7 @@ template <typename T>
 void mp_weight_bwd_t(int64_t rows, int64_t len, const float* g, const T* w, float k, const float* rms, float eps,
                      T* gw, float* partial) {
   const float inv_len = 1.0f / static_cast<float>(len);
-  at::parallel_for(0, rows, grain_for(len), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, grain_for(len), [=](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o) {
       const T* wr = w + o * len;
       const float* gr = g + o * len;
@@ -383,7 +384,7 @@ void mp_weight_bwd_t(int64_t rows, int64_t len, const float* g, const T* w, floa
 template <typename T>
 void force_normalize_t(T* w, int64_t rows, int64_t len, float eps) {
   const float inv_len = 1.0f / static_cast<float>(len);
-  at::parallel_for(0, rows, grain_for(len), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, grain_for(len), [=](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o) {
       T* wr = w + o * len;
       const float r = inv_denom(rms_from_sumsq(sumsq(wr, len), inv_len), eps);
@@ -394,7 +395,7 @@ void force_normalize_t(T* w, int64_t rows, int64_t len, float eps) {
 
 template <typename TE, typename TS>
 void ema_lerp_t(TE* e, const TS* src, int64_t n, float weight) {
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t end) {
+  at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t end) {
     for (int64_t i = b; i < end; ++i) e[i] = from_f<TE>(lerp_f(to_f(e[i]), to_f(src[i]), weight));
   });
 }

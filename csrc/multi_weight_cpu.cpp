@@ -130,7 +130,7 @@ void for_rows(const WeightRows* ws, int64_t count, RowRange row_range) {
   const int64_t total = first[count];
   if (total == 0) return;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems / total));
-  at::parallel_for(0, total, grain, [&](int64_t b, int64_t e) { row_range(first.data(), b, e); });
+  at::parallel_for(0, total, grain, [=](int64_t b, int64_t e) { row_range(first.data(), b, e); });
 }
 
 }  // namespace
