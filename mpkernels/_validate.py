@@ -105,13 +105,31 @@ def dims(d, ndim: int, name: str = "dim") -> tuple[int, ...] | None:
     return (dim(d, ndim, name),)
 
 
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)
+
+
 def tensor_list(ts, name: str) -> list[torch.Tensor]:
     if isinstance(ts, torch.Tensor) or not isinstance(ts, (list, tuple)):
         raise TypeError(f"{name}: expected a list or tuple of tensors, got {type(ts).__name__}")
     ts = list(ts)
-    for i, t in enumerate(ts):
-        tensor(t, f"{name}[{i}]", allow_empty=True)
+    # One pass without building entry names (about 0.2 us per tensor); on a failure, the per-entry
+    # checks name the first bad one.
+    if not all(isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPE_SET for t in ts):
+        for i, t in enumerate(ts):
+            tensor(t, f"{name}[{i}]", allow_empty=True)
     return ts
+
+
+def same_device_lists(lists: list[tuple[str, list[torch.Tensor]]]) -> None:
+    """:func:`same_device` over named lists (``ValueError`` naming ``name[i]``), names built only on
+    a failure."""
+    first = next((ts[0] for _, ts in lists if ts), None)
+    if first is None:
+        return
+    dev = first.device
+    if all(t.device == dev for _, ts in lists for t in ts):
+        return
+    same_device([(f"{name}[{i}]", t) for name, ts in lists for i, t in enumerate(ts)])
 
 
 def lerp_weight(w, name: str = "weight", device: torch.device | None = None):
@@ -163,6 +181,11 @@ def no_overlap(lists: list[tuple[str, list[torch.Tensor], bool]]) -> None:
         return
     spans = []
     for li, (_, ts, written) in enumerate(lists):
+        # the common case, every tensor contiguous, in list comprehensions (about 0.3 us per tensor)
+        if all([t.is_contiguous() for t in ts]):
+            starts, sizes = [t.data_ptr() for t in ts], [t.nbytes for t in ts]
+            spans.extend([(p, p + n, li, i, written) for i, (p, n) in enumerate(zip(starts, sizes)) if n])
+            continue
         for i, t in enumerate(ts):
             start, end = _byte_span(t)
             if end > start:

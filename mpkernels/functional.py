@@ -209,7 +209,7 @@ def force_normalize_(tensors, eps: float = 1e-4) -> None:
         if w.ndim < 2 or w.numel() == 0:
             raise ValueError(f"tensors[{i}]: expected a non-empty weight with >= 2 dims, got shape {tuple(w.shape)}")
     if ts:
-        V.same_device([(f"tensors[{i}]", w) for i, w in enumerate(ts)])
+        V.same_device_lists([("tensors", ts)])
         V.no_overlap([("tensors", ts, True)])
         dispatch("force_normalize_", ts, V.eps(eps))
 
@@ -232,8 +232,7 @@ def ema_lerp_(ema_tensors, tensors, weight) -> None:
         if e.shape != t.shape:
             raise ValueError(f"tensors[{i}]: shape {tuple(t.shape)} does not match ema_tensors[{i}] {tuple(e.shape)}")
     if es:
-        V.same_device([(f"ema_tensors[{i}]", e) for i, e in enumerate(es)] +
-                      [(f"tensors[{i}]", t) for i, t in enumerate(ts)])
+        V.same_device_lists([("ema_tensors", es), ("tensors", ts)])
         weight = V.lerp_weight(weight, device=es[0].device)
         V.no_overlap([("ema_tensors", es, True), ("tensors", ts, False)])
         dispatch("ema_lerp_", es, ts, weight)

@@ -84,9 +84,10 @@ def mp_weights(weights, gains=None, eps: float = 1e-4, *, qkv_heads=None, dtypes
     ws = V.tensor_list(weights, "weights")
     n = len(ws)
     for i, w in enumerate(ws):
-        V.tensor(w, f"weights[{i}]", min_ndim=2)
+        if w.ndim < 2 or w.numel() == 0:  # the name only on a failure
+            V.tensor(w, f"weights[{i}]", min_ndim=2)
     if n:
-        V.same_device([(f"weights[{i}]", w) for i, w in enumerate(ws)])
+        V.same_device_lists([("weights", ws)])
     device = ws[0].device if n else None
     gs = [g if type(g) is float and math.isfinite(g) else V.gain(g, f"gains[{i}]", device=device)  # floats: fast path
           for i, g in enumerate(_per_weight(gains, n, "gains", 1.0))]
