@@ -181,11 +181,6 @@ def no_overlap(lists: list[tuple[str, list[torch.Tensor], bool]]) -> None:
         return
     spans = []
     for li, (_, ts, written) in enumerate(lists):
-        # the common case, every tensor contiguous, in list comprehensions (about 0.3 us per tensor)
-        if all([t.is_contiguous() for t in ts]):
-            starts, sizes = [t.data_ptr() for t in ts], [t.nbytes for t in ts]
-            spans.extend([(p, p + n, li, i, written) for i, (p, n) in enumerate(zip(starts, sizes)) if n])
-            continue
         for i, t in enumerate(ts):
             start, end = _byte_span(t)
             if end > start:

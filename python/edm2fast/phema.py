@@ -225,10 +225,7 @@ class PowerFunctionEMA:
         if cache is None or cache[0] != _REGISTRATIONS[0]:
             listing = [(_slots(m, 'named_parameters'), _slots(m, 'named_buffers'))
                        for m in (self.net, *self.emas)]
-            (net_p, net_b), *emas = listing
-            if any(len(p) != len(net_p) or len(b) != len(net_b) for p, b in emas):
-                raise RuntimeError('the network changed structure since the EMA was created')
-            cache = self._slot_cache = (_REGISTRATIONS[0], listing)
+            cache = self._slot_cache = (_REGISTRATIONS[0], listing)  # _pairs checks the structure
         return cache[1]
 
     @staticmethod
