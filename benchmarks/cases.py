@@ -32,9 +32,9 @@ _DISPATCHING = (mkf, mkw, mk_sum_cat, mk_sum_norm, mk_up)
 
 OPS = ["normalize", "pixel_norm", "mp_silu", "mp_sum", "mp_cat", "mp_cat_mp_silu", "mp_fourier", "mp_weight",
        "mp_weights", "mp_conv2d", "mp_linear", "cosine_attention", "pixel_norm_mp_silu", "modulated_mp_silu",
-       "mp_sum_clip", "resample", "force_normalize_", "ema_lerp_",
+       "mp_sum_clip", "resample", "force_normalize_", "ema_lerp_", "force_finite_",
        "mp_sum_clip_pixel_norm_mp_silu", "mp_sum_clip_mp_cat_mp_silu", "resample_up_mp_silu"]
-INPLACE_OPS = {"force_normalize_", "ema_lerp_"}
+INPLACE_OPS = {"force_normalize_", "ema_lerp_", "force_finite_"}
 
 # A small network for CPU runs (interpreter parity, CPU timing): every op and code path of
 # the full network (attention, skips, up/down) at a size a 2-core machine handles in seconds.
@@ -173,6 +173,7 @@ def record_network_calls(net_kwargs: dict, batch: int) -> list[Spec]:
     params = [tuple(p.shape) for p in net.parameters()]
     out.append(Spec("force_normalize_", (("L", weights), 1e-4)))
     out.append(Spec("ema_lerp_", (("L", params), ("L", params), 0.01)))
+    out.append(Spec("force_finite_", (("L", params),)))  # the gradients, one per parameter
     return out
 
 
@@ -327,6 +328,9 @@ def must_move_bytes(op: str, args: tuple, es: int) -> tuple[int, int]:
     if op == "ema_lerp_":
         n = sum(_numel(s) for s in args[0][1]) * 4
         return 3 * n, 0
+    if op == "force_finite_":
+        n = sum(_numel(s) for s in args[0][1]) * 4
+        return 2 * n, 0
     raise KeyError(op)
 
 
@@ -404,6 +408,15 @@ def _weights_case(spec: Spec) -> Case:
                 bytes_bwd=lambda dt: nbytes(dt)[1], caller=caller, dispatch_args=lambda flat: unflatten(flat))
 
 
+def _with_nonfinite(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``t`` with about 1 % of its elements (at least one) set to NaN, +inf or -inf in turn."""
+    flat = t.reshape(-1)
+    k = max(1, flat.numel() // 100)
+    idx = torch.randint(0, flat.numel(), (k,), generator=gen)
+    flat[idx] = torch.tensor([float("nan"), float("inf"), float("-inf")]).repeat(k // 3 + 1)[:k]
+    return t
+
+
 def case_from_spec(spec: Spec) -> Case:
     op, args = spec.op, spec.args
     if op == "mp_weights":
@@ -422,8 +435,10 @@ def case_from_spec(spec: Spec) -> Case:
                 out.append(t)
             elif isinstance(a, tuple) and a and a[0] == "L":
                 dt = torch.float32 if dtype != torch.float64 else dtype
-                out.append([torch.randn(s, generator=gen, dtype=torch.float32).to(device=device, dtype=dt)
-                            for s in a[1]])
+                ts = [torch.randn(s, generator=gen, dtype=torch.float32) for s in a[1]]
+                if op == "force_finite_":
+                    ts = [_with_nonfinite(t, gen) for t in ts]
+                out.append([t.to(device=device, dtype=dt) for t in ts])
             else:
                 out.append(a)
         return out

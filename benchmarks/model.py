@@ -134,14 +134,15 @@ _LIBRARY = {"aten.convolution", "aten.convolution_backward", "aten.mm", "aten.ad
 
 
 def account_step(net_kwargs: dict, batch: int, dtype: torch.dtype, backend: str) -> dict:
-    """Ops (~launches) and bytes of one training step's forward+backward, weight norm and EMA, on meta.
+    """Ops (~launches) and bytes of one training step's forward+backward, weight norm, gradient
+    clean-up (``force_finite_``) and EMA, on meta.
 
     Returns totals, ``by_op`` (count per op, most first), ``GiB_by_op``, and ``unfused``: the ops
     that are neither an mpkernels kernel nor a library kernel (GEMM, fused attention), ``{op: [count,
     GiB]}`` by count (what to fuse next), with ``library`` the launch count of those library kernels.
 
     ``GiB`` counts every tensor an op takes or returns once: an argument updated in place
-    (``force_normalize_``, ``ema_lerp_``, the weights ``mp_weights_forced`` normalizes) counts as
+    (``force_normalize_``, ``ema_lerp_``, ``force_finite_``, the weights ``mp_weights_forced`` normalizes) counts as
     read, not also as written; the issue's targets use this count. ``GiB_with_inplace_writes``
     adds those writes.
     """
@@ -165,6 +166,7 @@ def account_step(net_kwargs: dict, batch: int, dtype: torch.dtype, backend: str)
                 mk.force_normalize_(rest)
         loss = loss_fn(net, x, labels).sum() / batch
         loss.backward()
+        mk.force_finite_([p.grad for p in net.parameters() if p.grad is not None])  # as the trainer
         mk.ema_lerp_(ema, [p.detach() for p in net.parameters()], 0.01)
     by_op = dict(sorted(counter.by_op.items(), key=lambda kv: (-kv[1], kv[0])))
     gib = {k: counter.bytes_by_op[k] / 2 ** 30 for k in by_op}
@@ -256,9 +258,7 @@ def make_train_step(net_kwargs: dict, batch: int, dtype: torch.dtype, device: to
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, x, labels).sum() / batch
             loss.backward()
-            for p in net.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+            mk.force_finite_([p.grad for p in net.parameters() if p.grad is not None])  # as the trainer
             opt.step()
             state["nimg"] += batch
             ema.update(state["nimg"], batch)

@@ -494,6 +494,34 @@ void ema_lerp_(const std::vector<Tensor>& ema_tensors, const std::vector<Tensor>
   for (auto& wb : write_back) wb.first.copy_(wb.second);
 }
 
+// Every inf / NaN element of every tensor becomes +0, in place (torch.nan_to_num(t, 0, 0, 0) on
+// each): the gradient clean-up of a training step, one launch for the whole list on a GPU. The op
+// is element-wise, so a dense tensor of any layout is processed as its flat memory; others go
+// through a contiguous copy.
+void force_finite_(const std::vector<Tensor>& tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const std::string name = "tensors[" + std::to_string(i) + "]";
+    check_tensor(tensors[i], name);
+    check_same_device(tensors[i], name, tensors[0], "tensors[0]");
+    check_in_place(tensors[i], name);
+  }
+  std::vector<mpk::FlatTensor> flat;
+  std::vector<std::pair<Tensor, Tensor>> write_back;  // (destination, dense working copy)
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = tensors[i];
+    if (t.numel() == 0) continue;
+    Tensor work = t;
+    if (!t.is_non_overlapping_and_dense()) {
+      work = t.contiguous();
+      write_back.emplace_back(t, work);
+    }
+    flat.push_back({work.data_ptr(), t.numel(), dtype_of(t, "tensors")});
+  }
+  if (flat.empty()) return;
+  MPK_LAUNCH(tensors[0], force_finite, flat.data(), static_cast<int64_t>(flat.size()));
+  for (auto& wb : write_back) wb.first.copy_(wb.second);
+}
+
 }  // namespace
 
 // Cosine attention normalization and mp_cat (csrc/attention_cat_bindings.cpp).
@@ -533,6 +561,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mp_weight_bwd", &mp_weight_bwd, py::arg("grad"), py::arg("w"), py::arg("gain_t"), py::arg("rms"),
         py::arg("gain"), py::arg("eps"));
   m.def("force_normalize_", &force_normalize_, py::arg("tensors"), py::arg("eps"));
+  m.def("force_finite_", &force_finite_, py::arg("tensors"),
+        "every inf / NaN element becomes +0, in place (one launch for the whole list on a GPU)");
   // Launch-shape heuristics of the CUDA kernels (csrc/launch_shapes.h), for tests without a GPU.
   m.def(
       "_grid_for", [](int64_t work, int threads) { return mpk::launch::grid_for(work, threads); }, py::arg("work"),

@@ -227,5 +227,7 @@ void ema_lerp(const LerpPair* pairs, int64_t count, float weight) {
   MPK_CPU_ISA_CALL(ema_lerp, pairs, count, weight)
 }
 
+void force_finite(const FlatTensor* tensors, int64_t count) { MPK_CPU_ISA_CALL(force_finite, tensors, count) }
+
 }  // namespace cpu
 }  // namespace mpk

@@ -382,21 +382,72 @@ void mp_weight_bwd_t(int64_t rows, int64_t len, const float* g, const T* w, floa
 }
 
 template <typename T>
-void force_normalize_t(T* w, int64_t rows, int64_t len, float eps) {
+void force_normalize_rows(T* w, int64_t rows, int64_t len, float eps) {
   const float inv_len = 1.0f / static_cast<float>(len);
-  at::parallel_for(0, rows, grain_for(len), [=](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-      T* wr = w + o * len;
-      const float r = inv_denom(rms_from_sumsq(sumsq(wr, len), inv_len), eps);
-      for (int64_t i = 0; i < len; ++i) wr[i] = from_f<T>(to_f(wr[i]) * r);
-    }
-  });
+  for (int64_t o = 0; o < rows; ++o) {
+    T* wr = w + o * len;
+    const float r = inv_denom(rms_from_sumsq(sumsq(wr, len), inv_len), eps);
+    for (int64_t i = 0; i < len; ++i) wr[i] = from_f<T>(to_f(wr[i]) * r);
+  }
 }
 
 template <typename TE, typename TS>
-void ema_lerp_t(TE* e, const TS* src, int64_t n, float weight) {
-  at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t end) {
-    for (int64_t i = b; i < end; ++i) e[i] = from_f<TE>(lerp_f(to_f(e[i]), to_f(src[i]), weight));
+void ema_lerp_span(TE* e, const TS* src, int64_t n, float weight) {
+  for (int64_t i = 0; i < n; ++i) e[i] = from_f<TE>(lerp_f(to_f(e[i]), to_f(src[i]), weight));
+}
+
+// force_finite_: an element whose exponent bits are all ones (inf or NaN) becomes +0, every other
+// keeps its bits. A bit test: exact in every dtype, and it vectorises (std::isfinite does not
+// without -ffinite-math). memcpy keeps the type punning defined; it compiles to plain moves.
+template <typename T>
+struct FiniteBits;
+template <>
+struct FiniteBits<float> {
+  using U = uint32_t;
+  static constexpr U kExp = 0x7F800000u;
+};
+template <>
+struct FiniteBits<c10::Half> {
+  using U = uint16_t;
+  static constexpr U kExp = 0x7C00u;
+};
+template <>
+struct FiniteBits<c10::BFloat16> {
+  using U = uint16_t;
+  static constexpr U kExp = 0x7F80u;
+};
+
+template <typename T>
+void force_finite_span(T* p, int64_t n) {
+  using U = typename FiniteBits<T>::U;
+  constexpr U kExp = FiniteBits<T>::kExp;
+  static_assert(sizeof(U) == sizeof(T), "FiniteBits: size mismatch");
+  for (int64_t i = 0; i < n; ++i) {
+    U u;
+    std::memcpy(&u, p + i, sizeof(U));
+    u = (u & kExp) == kExp ? U(0) : u;
+    std::memcpy(p + i, &u, sizeof(U));
+  }
+}
+
+// Runs span(t, first, count) over the concatenated elements (or rows) of `count` items, whose sizes
+// are size(t): one parallel region for the whole list, split by `grain`, a task crossing item
+// boundaries (a list of many small tensors costs one region, not one per tensor).
+template <typename Size, typename Span>
+void for_spans(int64_t count, int64_t grain, Size size, Span span) {
+  std::vector<int64_t> start(count + 1, 0);
+  for (int64_t t = 0; t < count; ++t) start[t + 1] = start[t] + size(t);
+  const int64_t total = start[count];
+  if (total == 0) return;
+  const int64_t* s = start.data();
+  at::parallel_for(0, total, grain, [=](int64_t b, int64_t e) {
+    int64_t t = std::upper_bound(s, s + count + 1, b) - s - 1;  // last item starting at or before b
+    while (b < e) {
+      const int64_t stop = std::min(e, s[t + 1]);
+      if (stop > b) span(t, b - s[t], stop - b);
+      b = stop;
+      ++t;
+    }
   });
 }
 
@@ -472,20 +523,40 @@ void mp_weight_bwd(DType dt, int64_t rows, int64_t len, const float* g, const vo
 }
 
 void force_normalize(const RowTensor* tensors, int64_t count, float eps) {
+  int64_t elems = 0, rows = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const RowTensor& t = tensors[i];
-    MPK_CPU_DISPATCH(t.dtype, T, force_normalize_t<T>(static_cast<T*>(t.ptr), t.rows, t.len, eps));
+    elems += tensors[i].rows * tensors[i].len;
+    rows += tensors[i].rows;
   }
+  if (rows == 0) return;
+  for_spans(
+      count, grain_for(elems / rows), [=](int64_t i) { return tensors[i].rows; },
+      [=](int64_t i, int64_t first, int64_t n) {
+        const RowTensor& t = tensors[i];
+        MPK_CPU_DISPATCH(t.dtype, T,
+                         force_normalize_rows<T>(static_cast<T*>(t.ptr) + first * t.len, n, t.len, eps));
+      });
 }
 
 void ema_lerp(const LerpPair* pairs, int64_t count, float weight) {
-  for (int64_t i = 0; i < count; ++i) {
-    const LerpPair& p = pairs[i];
-    MPK_CPU_DISPATCH(p.ema_dtype, TE,
-                     MPK_CPU_DISPATCH(p.src_dtype, TS,
-                                      ema_lerp_t<TE, TS>(static_cast<TE*>(p.ema), static_cast<const TS*>(p.src),
-                                                         p.numel, weight)));
-  }
+  for_spans(
+      count, kGrain, [=](int64_t i) { return pairs[i].numel; },
+      [=](int64_t i, int64_t first, int64_t n) {
+        const LerpPair& p = pairs[i];
+        MPK_CPU_DISPATCH(p.ema_dtype, TE,
+                         MPK_CPU_DISPATCH(p.src_dtype, TS,
+                                          ema_lerp_span<TE, TS>(static_cast<TE*>(p.ema) + first,
+                                                                static_cast<const TS*>(p.src) + first, n, weight)));
+      });
+}
+
+void force_finite(const FlatTensor* tensors, int64_t count) {
+  for_spans(
+      count, kGrain, [=](int64_t i) { return tensors[i].numel; },
+      [=](int64_t i, int64_t first, int64_t n) {
+        const FlatTensor& t = tensors[i];
+        MPK_CPU_DISPATCH(t.dtype, T, force_finite_span<T>(static_cast<T*>(t.ptr) + first, n));
+      });
 }
 
 }  // namespace

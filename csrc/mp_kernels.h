@@ -44,6 +44,13 @@ struct LerpPair {
   DType ema_dtype, src_dtype;
 };
 
+// force_finite_: `numel` elements of a dense tensor (any layout: the op is element-wise).
+struct FlatTensor {
+  void* ptr;
+  int64_t numel;
+  DType dtype;
+};
+
 // Both twins declare the same launchers; the CUDA ones take the stream last.
 #define MPK_DECLARE_LAUNCHERS(...)                                                                 \
   void mp_silu_fwd(DType dt, int64_t n, const void* x, void* y __VA_ARGS__);                       \
@@ -81,6 +88,8 @@ struct LerpPair {
 namespace cpu {
 MPK_DECLARE_LAUNCHERS()
 void ema_lerp(const LerpPair* pairs, int64_t count, float weight);
+// force_finite_: every inf / NaN element becomes +0 (nan_to_num(nan=0, posinf=0, neginf=0)).
+void force_finite(const FlatTensor* tensors, int64_t count);
 // Instruction set of the CPU kernels in use: "default" (SSE2), "avx2" or "avx512".
 const char* isa_name();
 // Use `name` (at most what the CPU supports); false when it cannot.
@@ -94,6 +103,7 @@ MPK_DECLARE_LAUNCHERS(, cudaStream_t stream)
 // a captured CUDA graph then reads the weight's value at each replay (the CPU twin takes the
 // value, read on the host by bindings.cpp).
 void ema_lerp(const LerpPair* pairs, int64_t count, float weight, const float* weight_ptr, cudaStream_t stream);
+void force_finite(const FlatTensor* tensors, int64_t count, cudaStream_t stream);
 // Number of floats modulated_mp_silu_bwd needs as workspace for shape `s`.
 int64_t modulated_mp_silu_bwd_workspace(const NCL& s);
 // Number of floats pixel_norm_fwd (forward) / pixel_norm_bwd need as workspace on `device`

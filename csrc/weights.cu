@@ -1,5 +1,6 @@
 // Weight kernels: mp_weight (spec §1, MPConv steps 3-4, forward and backward) and the two
-// multi-tensor ops of a training step, force_normalize_ (paper Eq. 66) and ema_lerp_ (spec §7).
+// multi-tensor ops of a training step, force_normalize_ (paper Eq. 66), ema_lerp_ (spec §7) and
+// force_finite_ (the gradient clean-up before Adam).
 //
 // Weights are processed as rows (one per output channel): a warp per row, fp32 sums.
 // The multi-tensor ops take the whole list in a few launches, like a multi-tensor apply: the
@@ -225,6 +226,51 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// force_finite_: a chunk of kLerpChunk elements per block, as ema_lerp_. An element whose exponent
+// bits are all ones (inf or NaN) becomes +0; the test runs on the bits (exact in every dtype), 16
+// bytes per load when the chunk is aligned.
+struct FiniteBatch {
+  void* ptr[kMaxTensors];
+  int32_t numel[kMaxTensors];
+  int32_t block_start[kMaxTensors + 1];
+  DType dtype[kMaxTensors];
+  int32_t count;
+};
+
+template <typename U, U kExp>
+__device__ __forceinline__ U finite_bits(U u) {
+  return (u & kExp) == kExp ? U(0) : u;
+}
+
+template <typename U, U kExp>
+__device__ __forceinline__ void finite_chunk(U* p, int64_t n) {
+  constexpr int kPer = 16 / sizeof(U);
+  const int64_t nvec = aligned16_dev(p) ? n / kPer : 0;
+  uint4* q = reinterpret_cast<uint4*>(p);
+  for (int64_t u = threadIdx.x; u < nvec; u += kThreads) {
+    uint4 v = q[u];
+    U e[kPer];
+    memcpy(e, &v, sizeof(v));
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) e[k] = finite_bits<U, kExp>(e[k]);
+    memcpy(&v, e, sizeof(v));
+    q[u] = v;
+  }
+  for (int64_t i = nvec * kPer + threadIdx.x; i < n; i += kThreads) p[i] = finite_bits<U, kExp>(p[i]);
+}
+
+__global__ void __launch_bounds__(kThreads) force_finite_kernel(const __grid_constant__ FiniteBatch batch) {
+  const int t = find_tensor(batch.block_start, batch.count, blockIdx.x);
+  const int64_t first = static_cast<int64_t>(blockIdx.x - batch.block_start[t]) * kLerpChunk;
+  const int64_t rest = batch.numel[t] - first;
+  const int64_t n = rest < kLerpChunk ? rest : kLerpChunk;
+  switch (batch.dtype[t]) {
+    case DType::F16: finite_chunk<uint16_t, 0x7C00u>(static_cast<uint16_t*>(batch.ptr[t]) + first, n); break;
+    case DType::BF16: finite_chunk<uint16_t, 0x7F80u>(static_cast<uint16_t*>(batch.ptr[t]) + first, n); break;
+    default: finite_chunk<uint32_t, 0x7F800000u>(static_cast<uint32_t*>(batch.ptr[t]) + first, n);
+  }
+}
+
 }  // namespace
 
 void mp_weight_fwd(DType dt, int64_t rows, int64_t len, const void* w, const void* gain_ptr, DType gdt, float gain,
@@ -305,6 +351,31 @@ void ema_lerp(const LerpPair* pairs, int64_t count, float weight, const float* w
     batch.numel[c] = static_cast<int32_t>(p.numel);
     batch.ema_dtype[c] = p.ema_dtype;
     batch.src_dtype[c] = p.src_dtype;
+    batch.block_start[c + 1] = static_cast<int32_t>(batch.block_start[c] + blocks);
+    batch.count = c + 1;
+  }
+  flush();
+}
+
+void force_finite(const FlatTensor* tensors, int64_t count, cudaStream_t stream) {
+  FiniteBatch batch;
+  batch.count = 0;
+  batch.block_start[0] = 0;
+  auto flush = [&]() {
+    if (batch.count == 0) return;
+    force_finite_kernel<<<static_cast<unsigned>(batch.block_start[batch.count]), kThreads, 0, stream>>>(batch);
+    MPK_CHECK_LAUNCH("force_finite_");
+    batch.count = 0;
+  };
+  for (int64_t i = 0; i < count; ++i) {
+    const FlatTensor& t = tensors[i];
+    if (t.numel == 0) continue;
+    const int64_t blocks = (t.numel + kLerpChunk - 1) / kLerpChunk;
+    if (batch.count == kMaxTensors || batch.block_start[batch.count] + blocks > INT32_MAX) flush();
+    const int c = batch.count;
+    batch.ptr[c] = t.ptr;
+    batch.numel[c] = static_cast<int32_t>(t.numel);
+    batch.dtype[c] = t.dtype;
     batch.block_start[c + 1] = static_cast<int32_t>(batch.block_start[c] + blocks);
     batch.count = c + 1;
   }

@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import _dispatch, reference
 from ._dispatch import (BackendUnavailableError, available_backends, get_backend, register, register_backend,
                         registered_backends, set_backend, use_backend)
-from .functional import (cosine_attention, ema_lerp_, force_normalize_, modulated_mp_silu, mp_cat, mp_cat_mp_silu,
+from .functional import (cosine_attention, ema_lerp_, force_finite_, force_normalize_, modulated_mp_silu, mp_cat, mp_cat_mp_silu,
                          mp_conv2d,
                          mp_fourier, mp_linear, mp_silu, mp_sum, mp_sum_clip, mp_weight, normalize, pixel_norm,
                          pixel_norm_mp_silu, resample)

@@ -152,6 +152,17 @@ def lerp_weight(w, name: str = "weight", device: torch.device | None = None):
     return number(w, name, lo=0.0, hi=1.0)
 
 
+def writable_in_place(t: torch.Tensor, name: str, i: int) -> None:
+    """``ValueError`` naming ``name[i]`` when ``t`` has internally overlapping memory (a dim of
+    stride 0 and size > 1, as an expanded view has): an in-place write would race with itself.
+    Contiguous tensors (the common case) pass at the cost of one C call."""
+    if t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return
+    if any(st == 0 and sz > 1 for sz, st in zip(t.shape, t.stride())):
+        raise ValueError(f"{name}[{i}]: has internally overlapping memory (an expanded view?) and cannot be "
+                         f"updated in place; pass a tensor that owns its elements (e.g. .clone())")
+
+
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     """``[first, last + 1)`` byte addresses ``t`` can reach: from ``data_ptr`` (storage start plus
     ``storage_offset * itemsize``) over ``1 + sum((size - 1) * stride)`` elements."""

@@ -15,7 +15,7 @@ from ._dispatch import dispatch
 __all__ = [
     "normalize", "pixel_norm", "mp_silu", "mp_sum", "mp_cat", "mp_cat_mp_silu", "mp_fourier", "mp_weight", "mp_conv2d",
     "mp_linear", "cosine_attention", "pixel_norm_mp_silu", "modulated_mp_silu", "mp_sum_clip", "resample",
-    "force_normalize_", "ema_lerp_",
+    "force_normalize_", "ema_lerp_", "force_finite_",
 ]
 
 
@@ -238,3 +238,20 @@ def ema_lerp_(ema_tensors, tensors, weight) -> None:
         dispatch("ema_lerp_", es, ts, weight)
     else:
         V.lerp_weight(weight)
+
+
+def force_finite_(tensors) -> None:
+    """In place, without autograd: every inf / NaN element of each tensor becomes 0, as
+    ``torch.nan_to_num(t, nan=0, posinf=0, neginf=0, out=t)`` does (the training step's gradient
+    clean-up before Adam, spec §6), for the whole list at once (one launch on a GPU).
+
+    The tensors must not overlap in memory (``ValueError`` naming both entries); a tensor with
+    internally overlapping memory (an expanded view) cannot be written in place (``ValueError``).
+    """
+    ts = V.tensor_list(tensors, "tensors")
+    if ts:
+        V.same_device_lists([("tensors", ts)])
+        for i, t in enumerate(ts):
+            V.writable_in_place(t, "tensors", i)
+        V.no_overlap([("tensors", ts, True)])
+        dispatch("force_finite_", ts)

@@ -185,6 +185,14 @@ def ema_lerp_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], weig
             e.lerp_(t.to(e.dtype), weight)
 
 
+@torch.no_grad()
+def force_finite_(tensors: list[torch.Tensor]) -> None:
+    """Gradient clean-up, in place: every inf / NaN element of each tensor becomes 0
+    (``torch.nan_to_num(t, nan=0, posinf=0, neginf=0)``; spec §6, before the Adam step)."""
+    for t in tensors:
+        torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0, out=t)
+
+
 def mp_weights(weights: list[torch.Tensor], gains=None, eps: float = 1e-4, qkv_heads=None,
                dtypes=None) -> list[torch.Tensor]:
     """Effective weights of many MPConv layers: ``mp_weight(w_i, gain_i, eps, qkv_heads_i).to(dtype_i)``.

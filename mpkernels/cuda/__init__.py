@@ -2,7 +2,7 @@
 
 Ops: ``mp_silu``, ``pixel_norm``, ``pixel_norm_mp_silu``, ``modulated_mp_silu``, ``mp_sum``,
 ``mp_sum_clip``, ``mp_weight`` (and through it ``mp_conv2d`` / ``mp_linear``), forward and
-backward, plus the multi-tensor in-place ``force_normalize_`` and ``ema_lerp_``. They run on
+backward, plus the multi-tensor in-place ``force_normalize_``, ``ema_lerp_`` and ``force_finite_``. They run on
 CUDA tensors and on CPU tensors (C++ twins sharing the per-element math, parallel with
 ``at::parallel_for``), in float32, float16 and bfloat16, any layout; other calls (float64,
 tensors of 2^31 elements or more) fall back to the reference.
@@ -189,6 +189,16 @@ def ema_lerp_(ema_tensors, tensors, weight):
             _ops.get().ema_lerp_(ema_tensors, tensors, weight)
 
 
+def force_finite_(tensors):
+    tensors = list(tensors)
+    with torch.no_grad():
+        if _lean_inplace(tensors):
+            _ops._EXT.force_finite_(tensors)
+            torch.autograd.graph.increment_version(tensors)
+        else:
+            _ops.get().force_finite_(tensors)
+
+
 _DESCRIPTION = "compiled extension (csrc/): CUDA kernels and C++ CPU twins"
 # prepare: an explicit set_backend('cuda') builds the extension just in time when it is missing.
 register_backend("cuda", priority=30, is_available=is_available, auto_devices=("cuda", "cpu"),
@@ -211,6 +221,7 @@ register("force_normalize_", "cuda", force_normalize_, devices=_DEVICES,
          supports=lambda tensors, eps=1e-4: _ok(*tensors))
 register("ema_lerp_", "cuda", ema_lerp_, devices=_DEVICES,
          supports=lambda ema_tensors, tensors, weight: _ok(*ema_tensors, *tensors))
+register("force_finite_", "cuda", force_finite_, devices=_DEVICES, supports=lambda tensors: _ok(*tensors))
 
 _load_existing()
 

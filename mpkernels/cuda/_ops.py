@@ -159,6 +159,13 @@ def define(module) -> types.SimpleNamespace:
             ema_lerp_float(ema_tensors, tensors, float(weight))
 
     ops.ema_lerp_ = ema_lerp_
+
+    # gradient clean-up before Adam (spec §6): inf / NaN -> 0, the whole list in one launch
+    def force_finite_impl(tensors):
+        _EXT.force_finite_(tensors)
+
+    ops.force_finite_ = _custom_inplace("cuda_force_finite_", "(Tensor(a!)[] tensors) -> ()", ("tensors",),
+                                        force_finite_impl)
     _OPS = ops
     return ops
 

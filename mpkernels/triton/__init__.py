@@ -52,6 +52,7 @@ _OPS = {
     "cosine_attention": (cosine_attention.cosine_attention, cosine_attention.supports),
     "force_normalize_": (multi_tensor.force_normalize_, multi_tensor.supports_force_normalize),
     "ema_lerp_": (multi_tensor.ema_lerp_, multi_tensor.supports_ema_lerp),
+    "force_finite_": (multi_tensor.force_finite_, multi_tensor.supports_force_finite),
     "mp_weights": (multi_weight.mp_weights, multi_weight.supports),
     "mp_weights_forced": (multi_weight.mp_weights_forced, multi_weight.supports),
 }

@@ -1,4 +1,5 @@
-"""Multi-tensor, in-place ``force_normalize_`` and ``ema_lerp_`` (spec §1 MPConv step 2, spec §7).
+"""Multi-tensor, in-place ``force_normalize_``, ``ema_lerp_`` and ``force_finite_`` (spec §1 MPConv
+step 2, spec §7, spec §6).
 
 All tensors of one dtype are handled by a single launch that walks a table of work items.
 Each item holds element offsets relative to a base pointer (the group's first tensor), so
@@ -12,6 +13,10 @@ pointer casts, which also makes the same code run under the Triton interpreter.
   that the kernel loads, never as a launch argument, so a captured CUDA graph reads the value
   current at each replay (``beta`` changes every step). A number weight is put in a fresh 0-d
   tensor by a fill on the device (capture-safe, but then baked into the capture, as a number must be).
+* ``force_finite_``: one item per chunk of ``CHUNK`` elements ``(offset, count)`` of a dense tensor
+  (any layout: the op is element-wise); inf / NaN become 0, finite elements are stored unchanged.
+  Under capture without a table (gradients allocated by the captured backward) it runs the
+  reference's per-tensor kernels instead of raising; the ``cuda`` backend needs no table.
 
 Rows must be contiguous blocks of memory (contiguous and channels_last weights both are) and
 an EMA tensor must share its source's dense layout; other tensors (rare for parameters) are
@@ -25,8 +30,8 @@ the tensors' addresses, shapes and dtypes. Two rules make this safe under CUDA g
 
 * No table is ever built while the current stream is being captured (a copy from the host is
   not allowed there): such a call raises ``RuntimeError``. Run the op once eagerly before
-  capturing (the usual warm-up), or call :func:`prepare_force_normalize_` /
-  :func:`prepare_ema_lerp_` first.
+  capturing (the usual warm-up), or call :func:`prepare_force_normalize_`,
+  :func:`prepare_ema_lerp_` or :func:`prepare_force_finite_` first.
 * A table that a graph may read is never freed. The store keeps up to ``_RECENT_TABLES``
   unheld tables, least recently used evicted first; a *held* table is outside that limit.
   A table is held by each live :class:`WorkTables` handle that the ``prepare_*`` functions
@@ -88,6 +93,21 @@ def _ema_lerp_kernel(e_base, t_base, table_ptr, weight_ptr, CHUNK: tl.constexpr,
         tl.store(e_ptr + o, (e + weight * (t - e)).to(e_base.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _force_finite_kernel(base, table_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """inf / NaN -> 0 over one chunk ``(offset, count)``; a finite element is stored back unchanged
+    (the test runs in fp32, which represents every fp16 / bf16 value exactly)."""
+    pid = tl.program_id(0)
+    p = base + tl.load(table_ptr + 2 * pid)
+    n = tl.load(table_ptr + 2 * pid + 1)
+    for i in range(0, CHUNK, BLOCK):
+        o = i + tl.arange(0, BLOCK)
+        m = o < n
+        x = tl.load(p + o, mask=m, other=0.0)
+        finite = tl.abs(x.to(tl.float32)) <= 3.4028234663852886e38  # FLT_MAX; false for NaN and inf
+        tl.store(p + o, tl.where(finite, x, tl.zeros_like(x)), mask=m)
+
+
 FN_ROWS = 4
 FN_BLOCK_R = 512
 EMA_BLOCK = 2048
@@ -106,10 +126,17 @@ def _ema_config(ed, td):
                          constexprs=dict(CHUNK=EMA_CHUNK, BLOCK=EMA_BLOCK), num_warps=4, num_stages=1)
 
 
+@functools.lru_cache(maxsize=None)  # configs are immutable; build each once
+def _finite_config(d):
+    return C.make_config(_force_finite_kernel, ptrs=dict(base=d, table_ptr="i64"),
+                         constexprs=dict(CHUNK=EMA_CHUNK, BLOCK=EMA_BLOCK), num_warps=4, num_stages=1)
+
+
 @C.declare_configs
 def configs():
     for d in C.DTYPES:
         yield _fn_config(d)
+        yield _finite_config(d)
         for td in C.DTYPES:
             yield _ema_config(d, td)
 
@@ -193,7 +220,7 @@ def _capturing() -> bool:
 class WorkTables:
     """Keeps the device work tables of one tensor list alive and out of eviction (for CUDA graphs).
 
-    Returned by :func:`prepare_force_normalize_` and :func:`prepare_ema_lerp_`; the tables stay
+    Returned by the ``prepare_*`` functions of this module; the tables stay
     held until :meth:`release`, the end of a ``with`` block, or garbage collection of the handle.
     Keep it at least as long as a graph captured with those tensors (captures also hold the
     tables they use for good, so this matters only when building tables ahead of time).
@@ -259,6 +286,15 @@ def _chunk_table(es: list[torch.Tensor], ts: list[torch.Tensor]) -> torch.Tensor
     return _on_device(torch.cat(parts).contiguous(), es[0].device)
 
 
+def _flat_table(ts: list[torch.Tensor]) -> torch.Tensor:
+    parts = []
+    for t in ts:
+        n = t.numel()
+        starts = torch.arange(0, n, EMA_CHUNK, dtype=torch.int64)
+        parts.append(torch.stack([_elem_offset(t, ts[0]) + starts, (n - starts).clamp(max=EMA_CHUNK)], dim=1))
+    return _on_device(torch.cat(parts).contiguous(), ts[0].device)
+
+
 def _key(kind: str, *lists):
     # Addresses, shapes and dtypes determine a table's content (offsets between the tensors);
     # the tensors share one device (validated by mpkernels.functional).
@@ -291,6 +327,21 @@ def _chunk_groups(ema_tensors, tensors):
     return groups, rest
 
 
+def _flat_groups(tensors):
+    """``({dtype: non-empty dense tensors}, [other non-empty tensors])``: an element-wise op runs over
+    a dense tensor's memory in any layout."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    rest = []
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        if t.is_contiguous() or C.is_dense(t):
+            groups.setdefault(t.dtype, []).append(t)
+        else:
+            rest.append(t)
+    return groups, rest
+
+
 def _force_normalize_impl(tensors: list[torch.Tensor], eps: float) -> None:
     groups, rest = _row_groups(tensors)
     if rest:
@@ -311,6 +362,21 @@ def _ema_lerp_impl(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor],
         C.launch(_ema_config(ed, td), (table.shape[0],), es[0], ts[0], table, w32)
 
 
+def _force_finite_impl(tensors: list[torch.Tensor]) -> None:
+    groups, rest = _flat_groups(tensors)
+    if rest:
+        reference.force_finite_(rest)
+    for dtype, ts in groups.items():
+        key = _key("flat", ts)
+        if key not in _TABLES and _capturing():
+            # Gradients are usually allocated inside the captured step, so their table cannot
+            # exist yet and cannot be built now: the reference's per-tensor kernels (capture-safe).
+            reference.force_finite_(ts)
+            continue
+        table = _TABLES.get(key, lambda: _flat_table(ts), "force_finite_")
+        C.launch(_finite_config(dtype), (table.shape[0],), ts[0], table)
+
+
 # Custom ops that declare what they mutate: autograd bumps the version counters (as copy_ would),
 # and on the meta device (launch accounting, tracing) they are no-ops with the right signature.
 _force_normalize_op = torch.library.custom_op(
@@ -321,6 +387,10 @@ _ema_lerp_op = torch.library.custom_op(
     f"{NAMESPACE}::triton_ema_lerp_", _ema_lerp_impl, mutates_args=("ema_tensors",),
     schema="(Tensor(a!)[] ema_tensors, Tensor[] tensors, Tensor weight) -> ()")
 _ema_lerp_op.register_fake(lambda ema_tensors, tensors, weight: None)
+_force_finite_op = torch.library.custom_op(
+    f"{NAMESPACE}::triton_force_finite_", _force_finite_impl, mutates_args=("tensors",),
+    schema="(Tensor(a!)[] tensors) -> ()")
+_force_finite_op.register_fake(lambda tensors: None)
 
 
 # --- public entry points --------------------------------------------------------------------
@@ -339,6 +409,11 @@ def ema_lerp_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], weig
             return
         weight = torch.full((), float(weight), dtype=torch.float32, device=ema_tensors[0].device)
     _ema_lerp_op(ema_tensors, list(tensors), weight)
+
+
+@torch.no_grad()
+def force_finite_(tensors: list[torch.Tensor]) -> None:
+    _force_finite_op(list(tensors))
 
 
 def prepare_force_normalize_(tensors) -> WorkTables:
@@ -369,6 +444,22 @@ def prepare_ema_lerp_(ema_tensors, tensors) -> WorkTables:
         _TABLES.hold(key, lambda: _chunk_table(es_, ts_), "ema_lerp_")
         keys.append(key)
     return WorkTables(keys)
+
+
+def prepare_force_finite_(tensors) -> WorkTables:
+    """Build (eagerly) and hold the device work tables :func:`force_finite_` uses for ``tensors``;
+    see :func:`prepare_force_normalize_`."""
+    groups, _ = _flat_groups(V.tensor_list(tensors, "tensors"))
+    keys = []
+    for ts in groups.values():
+        key = _key("flat", ts)
+        _TABLES.hold(key, lambda: _flat_table(ts), "force_finite_")
+        keys.append(key)
+    return WorkTables(keys)
+
+
+def supports_force_finite(tensors) -> bool:
+    return all(t.dtype in C.DTYPES for t in tensors)
 
 
 def supports_force_normalize(tensors, eps) -> bool:

@@ -185,9 +185,7 @@ class GraphedStep:
                 (loss.sum() * scale).backward()
                 self.loss_sum = loss.detach().sum().double()
                 self.loss_sq = loss.detach().double().square().sum()
-                for p in t.net.parameters():
-                    if p.grad is not None:
-                        torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+                mk.force_finite_([p.grad for p in t.net.parameters() if p.grad is not None])
                 t.optimizer.step()
                 _ema_update_(t, self.ema_weights)
         finally:

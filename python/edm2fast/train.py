@@ -801,9 +801,7 @@ class Trainer:
         else:  # a compiled forward: the explicit call, as the graph expects
             mk.force_normalize_(self._mpconv_weights)
         loss_sum, count, self._last_loss_sq = self.accumulate_gradients()
-        for p in self.net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)  # force finite
+        mk.force_finite_([p.grad for p in self.net.parameters() if p.grad is not None])  # one call for all
         self.optimizer.step()
         self.cur_nimg += cfg["batch"]
         self.ema.update(self.cur_nimg, cfg["batch"])
