@@ -185,7 +185,11 @@ def test_resample():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_force_normalize_and_ema(dtype):
-    ws = [torch.randn(4, 3, 3, 3, dtype=dtype) * 5, torch.randn(7, 2, dtype=dtype), torch.randn(1, 1, dtype=dtype)]
+    # Seeded, and the one-element row kept away from 0: its rms after normalization is |w| / (1e-4 + |w|),
+    # below the tolerance for |w| < 5e-3 (unseeded, that made this test fail now and then).
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(4, 3, 3, 3, generator=g).to(dtype) * 5, torch.randn(7, 2, generator=g).to(dtype),
+          torch.tensor([[-0.7]], dtype=dtype)]
     expect = [o_mp_weight(w.double(), math.sqrt(w[0].numel())).to(dtype) for w in ws]  # unit RMS per row
     ptrs = [w.data_ptr() for w in ws]
     mk.force_normalize_(ws)
