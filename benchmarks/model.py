@@ -134,15 +134,16 @@ _LIBRARY = {"aten.convolution", "aten.convolution_backward", "aten.mm", "aten.ad
 
 
 def account_step(net_kwargs: dict, batch: int, dtype: torch.dtype, backend: str) -> dict:
-    """Ops (~launches) and bytes of one training step's forward+backward, weight norm, gradient
-    clean-up (``force_finite_``) and EMA, on meta.
+    """Ops (~launches) and bytes of one training step's forward+backward, weight norm and EMA, on meta
+    (the issue's definition; the gradient clean-up, one ``force_finite_`` launch with a fused
+    backend, one per parameter with the reference, is not counted).
 
     Returns totals, ``by_op`` (count per op, most first), ``GiB_by_op``, and ``unfused``: the ops
     that are neither an mpkernels kernel nor a library kernel (GEMM, fused attention), ``{op: [count,
     GiB]}`` by count (what to fuse next), with ``library`` the launch count of those library kernels.
 
     ``GiB`` counts every tensor an op takes or returns once: an argument updated in place
-    (``force_normalize_``, ``ema_lerp_``, ``force_finite_``, the weights ``mp_weights_forced`` normalizes) counts as
+    (``force_normalize_``, ``ema_lerp_``, the weights ``mp_weights_forced`` normalizes) counts as
     read, not also as written; the issue's targets use this count. ``GiB_with_inplace_writes``
     adds those writes.
     """
@@ -166,7 +167,6 @@ def account_step(net_kwargs: dict, batch: int, dtype: torch.dtype, backend: str)
                 mk.force_normalize_(rest)
         loss = loss_fn(net, x, labels).sum() / batch
         loss.backward()
-        mk.force_finite_([p.grad for p in net.parameters() if p.grad is not None])  # as the trainer
         mk.ema_lerp_(ema, [p.detach() for p in net.parameters()], 0.01)
     by_op = dict(sorted(counter.by_op.items(), key=lambda kv: (-kv[1], kv[0])))
     gib = {k: counter.bytes_by_op[k] / 2 ** 30 for k in by_op}
