@@ -279,3 +279,42 @@ def _poison(g: torch.Tensor) -> torch.Tensor:
     flat = g.view(-1)
     flat[0], flat[-1] = NAN, INF
     return g
+
+
+def test_cpu_twins_split_lists_across_threads(cuda_backend):
+    """The C++ twins of force_finite_, ema_lerp_ and force_normalize_ run a whole list as one
+    parallel region whose tasks cross tensor boundaries (and split tensors): with 4 threads the
+    results equal the 1-thread run bit for bit (per-element / per-row math does not depend on the
+    split), and force_finite_ equals nan_to_num."""
+    sizes = [(3, 5), (70001,), (64, 64, 3, 3), (1, 1), (0, 7), (129, 257), (40000,), (5, 3, 3, 3)]
+
+    def make():
+        gg = torch.Generator().manual_seed(22)
+        ts = [_sprinkle(torch.randn(s, generator=gg), gg) if _numel(s) else torch.randn(s) for s in sizes]
+        es = [torch.randn(s, generator=gg) for s in sizes]
+        ws = [torch.randn(s, generator=gg) for s in sizes if len(s) >= 2 and _numel(s)]
+        return ts, es, ws
+
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            ts, es, ws = make()
+            want = _expected(ts)
+            with mk.use_backend("cuda", strict=True):
+                mk.force_finite_(ts)
+                mk.ema_lerp_(es, ts, 0.3)
+                mk.force_normalize_(ws)
+            _assert_bits_equal(ts, want, f"force_finite_ ({n} threads)")
+            results.append(ts + es + ws)
+    finally:
+        torch.set_num_threads(threads)
+    _assert_bits_equal(results[1], results[0], "4 threads vs 1")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
