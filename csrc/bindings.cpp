@@ -112,8 +112,13 @@ float check_eps(double eps) {
 // Layout
 
 // `t`'s values with `like`'s strides (`like` is dense): `t` itself when the strides already match.
+// `t` itself when its elements sit where `like`'s do (same shape, same strides on every dim of
+// size > 1: a [O, C, 1, 1] gradient strided (C, 1, 1, 1) matches a weight strided (C, 1, C, C)),
+// else a copy in `like`'s layout. `like` is dense (freshly allocated by the caller).
 Tensor laid_out_like(const Tensor& t, const Tensor& like) {
-  if (t.strides() == like.strides()) return t;
+  bool same = t.sizes() == like.sizes();
+  for (int64_t d = 0; same && d < t.dim(); ++d) same = t.size(d) == 1 || t.stride(d) == like.stride(d);
+  if (same) return t;
   return at::empty_like(like, t.options()).copy_(t);
 }
 

@@ -512,3 +512,26 @@ def test_custom_op_plumbing_on_a_stand_in(monkeypatch, compiled):
     for i, (a, b) in enumerate(zip(gains, gains2)):
         if isinstance(a, torch.Tensor):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_with_other_strides_on_size_one_dims(cuda_backend):
+    """A 1x1 weight's gradient may come strided (C, 1, 1, 1) while the weight is strided (C, 1, C, C)
+    (oneDNN's weight gradient under channels_last): the same memory layout, used in place, and the
+    result equals the one from a gradient laid out like the weight."""
+    g = torch.Generator().manual_seed(31)
+    w = torch.empty_strided((6, 4, 1, 1), (4, 1, 4, 4)).copy_(torch.randn(6, 4, 1, 1, generator=g))
+    grad = torch.randn(6, 4, 1, 1, generator=g)  # strides (4, 1, 1, 1)
+    assert w.stride() != grad.stride()
+    results = []
+    for gr in (grad, torch.empty_strided((6, 4, 1, 1), (4, 1, 4, 4)).copy_(grad)):
+        ww = w.clone().requires_grad_(True)
+        with mk.use_backend("cuda", strict=True):
+            (out,) = mk.mp_weights([ww], [1.3])
+        out.backward(gr)
+        results.append(ww.grad)
+    assert torch.equal(results[0], results[1])
+    ref = w.clone().requires_grad_(True)
+    with mk.use_backend("reference"):
+        (out,) = mk.mp_weights([ref], [1.3])
+    out.backward(grad)
+    torch.testing.assert_close(results[0], ref.grad, rtol=1e-5, atol=1e-6)
