@@ -354,3 +354,42 @@ def test_cuda_graph_replay_with_changed_weight_matches_eager(mt):
             for i, (x, want) in enumerate(zip(ws + es, want_w + want_e)):
                 torch.testing.assert_close(x, want, msg=lambda m: f"weight {weight}, tensor {i}: {m}")
         del graph
+
+
+def test_force_finite_under_capture(mt, monkeypatch, declared_triton_launches):
+    """force_finite_ under capture: without a table (gradients made by the captured backward) it runs
+    the reference's per-tensor kernels instead of raising, building nothing; with a prepared or
+    warmed-up table it launches its one kernel per dtype group and holds the table for good."""
+    def grads(seed):
+        g = torch.Generator().manual_seed(seed)
+        ts = [torch.randn(4, 5, generator=g), torch.randn(300, generator=g)]
+        ts[0][1, 2], ts[1][7], ts[1][9] = float("nan"), float("inf"), float("-inf")
+        return [t.to(DEV) for t in ts]
+
+    def expected(ts):
+        return [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in ts]
+
+    ts = grads(0)
+    want = expected(ts)
+    _capture(monkeypatch)
+    n_launches = len(declared_triton_launches)
+    with mk.use_backend("triton", strict=True):
+        mk.force_finite_(ts)
+    assert mt._TABLES.builds == 0 and len(declared_triton_launches) == n_launches
+    for a, b in zip(ts, want):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="being captured"):
+        mt.prepare_force_finite_(ts)
+    _capture(monkeypatch, False)
+    ts2 = grads(1)
+    want2 = expected(ts2)
+    handle = mt.prepare_force_finite_(ts2)
+    assert mt._TABLES.builds == 1
+    _capture(monkeypatch)
+    with mk.use_backend("triton", strict=True):
+        mk.force_finite_(ts2)
+    assert len(declared_triton_launches) == n_launches + 1 and mt._TABLES.builds == 1
+    for a, b in zip(ts2, want2):
+        assert torch.equal(a, b)
+    handle.release()
+    assert handle.keys[0] in mt._TABLES.held  # used under capture: held for good

@@ -416,6 +416,16 @@ def force_finite_(tensors: list[torch.Tensor]) -> None:
     _force_finite_op(list(tensors))
 
 
+def _hold_all(pieces, kind: str, build, op: str) -> WorkTables:
+    """Build (if missing) and hold the table of every piece (a tuple of tensor lists: one dtype group)."""
+    keys = []
+    for lists in pieces:
+        key = _key(kind, *lists)
+        _TABLES.hold(key, lambda: build(*lists), op)
+        keys.append(key)
+    return WorkTables(keys)
+
+
 def prepare_force_normalize_(tensors) -> WorkTables:
     """Build (eagerly) and hold the device work tables :func:`force_normalize_` uses for ``tensors``.
 
@@ -423,12 +433,7 @@ def prepare_force_normalize_(tensors) -> WorkTables:
     graph lives. Raises ``RuntimeError`` when a table is missing and a capture is under way.
     """
     groups, _ = _row_groups(V.tensor_list(tensors, "tensors"))
-    keys = []
-    for ws in groups.values():
-        key = _key("rows", ws)
-        _TABLES.hold(key, lambda: _row_table(ws), "force_normalize_")
-        keys.append(key)
-    return WorkTables(keys)
+    return _hold_all([(ws,) for ws in groups.values()], "rows", _row_table, "force_normalize_")
 
 
 def prepare_ema_lerp_(ema_tensors, tensors) -> WorkTables:
@@ -438,24 +443,14 @@ def prepare_ema_lerp_(ema_tensors, tensors) -> WorkTables:
     if len(es) != len(ts):
         raise ValueError(f"tensors: {len(ts)} tensors but ema_tensors has {len(es)}")
     groups, _ = _chunk_groups(es, ts)
-    keys = []
-    for es_, ts_ in groups.values():
-        key = _key("chunks", es_, ts_)
-        _TABLES.hold(key, lambda: _chunk_table(es_, ts_), "ema_lerp_")
-        keys.append(key)
-    return WorkTables(keys)
+    return _hold_all(groups.values(), "chunks", _chunk_table, "ema_lerp_")
 
 
 def prepare_force_finite_(tensors) -> WorkTables:
     """Build (eagerly) and hold the device work tables :func:`force_finite_` uses for ``tensors``;
     see :func:`prepare_force_normalize_`."""
     groups, _ = _flat_groups(V.tensor_list(tensors, "tensors"))
-    keys = []
-    for ts in groups.values():
-        key = _key("flat", ts)
-        _TABLES.hold(key, lambda: _flat_table(ts), "force_finite_")
-        keys.append(key)
-    return WorkTables(keys)
+    return _hold_all([(ts,) for ts in groups.values()], "flat", _flat_table, "force_finite_")
 
 
 def supports_force_finite(tensors) -> bool:
