@@ -276,23 +276,17 @@ def _row_table(ws: list[torch.Tensor]) -> torch.Tensor:
     return _on_device(torch.cat(parts).contiguous(), base.device)
 
 
-def _chunk_table(es: list[torch.Tensor], ts: list[torch.Tensor]) -> torch.Tensor:
+def _chunk_table(*lists: list[torch.Tensor]) -> torch.Tensor:
+    """One row per chunk of ``EMA_CHUNK`` elements of the first list's tensors: the chunk's element
+    offset in each list (relative to that list's first tensor; entry ``i`` of every list has the
+    same size and layout), then its element count."""
     parts = []
-    for e, t in zip(es, ts):
-        n = e.numel()
+    for entry in zip(*lists):
+        n = entry[0].numel()
         starts = torch.arange(0, n, EMA_CHUNK, dtype=torch.int64)
-        parts.append(torch.stack([_elem_offset(e, es[0]) + starts, _elem_offset(t, ts[0]) + starts,
-                                  (n - starts).clamp(max=EMA_CHUNK)], dim=1))
-    return _on_device(torch.cat(parts).contiguous(), es[0].device)
-
-
-def _flat_table(ts: list[torch.Tensor]) -> torch.Tensor:
-    parts = []
-    for t in ts:
-        n = t.numel()
-        starts = torch.arange(0, n, EMA_CHUNK, dtype=torch.int64)
-        parts.append(torch.stack([_elem_offset(t, ts[0]) + starts, (n - starts).clamp(max=EMA_CHUNK)], dim=1))
-    return _on_device(torch.cat(parts).contiguous(), ts[0].device)
+        offsets = [_elem_offset(t, ts[0]) + starts for t, ts in zip(entry, lists)]
+        parts.append(torch.stack([*offsets, (n - starts).clamp(max=EMA_CHUNK)], dim=1))
+    return _on_device(torch.cat(parts).contiguous(), lists[0][0].device)
 
 
 def _key(kind: str, *lists):
@@ -335,7 +329,7 @@ def _flat_groups(tensors):
     for t in tensors:
         if t.numel() == 0:
             continue
-        if t.is_contiguous() or C.is_dense(t):
+        if C.is_dense(t):
             groups.setdefault(t.dtype, []).append(t)
         else:
             rest.append(t)
@@ -373,7 +367,7 @@ def _force_finite_impl(tensors: list[torch.Tensor]) -> None:
             # exist yet and cannot be built now: the reference's per-tensor kernels (capture-safe).
             reference.force_finite_(ts)
             continue
-        table = _TABLES.get(key, lambda: _flat_table(ts), "force_finite_")
+        table = _TABLES.get(key, lambda: _chunk_table(ts), "force_finite_")
         C.launch(_finite_config(dtype), (table.shape[0],), ts[0], table)
 
 
@@ -450,7 +444,7 @@ def prepare_force_finite_(tensors) -> WorkTables:
     """Build (eagerly) and hold the device work tables :func:`force_finite_` uses for ``tensors``;
     see :func:`prepare_force_normalize_`."""
     groups, _ = _flat_groups(V.tensor_list(tensors, "tensors"))
-    return _hold_all([(ts,) for ts in groups.values()], "flat", _flat_table, "force_finite_")
+    return _hold_all([(ts,) for ts in groups.values()], "flat", _chunk_table, "force_finite_")
 
 
 def supports_force_finite(tensors) -> bool:
