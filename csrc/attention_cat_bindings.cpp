@@ -3,77 +3,28 @@
 // twin, as csrc/bindings.cpp does for the other ops. Registered from bindings.cpp's module.
 #include <torch/extension.h>
 
-#if defined(MPK_WITH_CUDA)
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "attention_cat.h"
+#include "bindings_common.h"
 
 namespace {
 
 using at::Tensor;
 using mpk::DType;
-
-#if defined(MPK_WITH_CUDA)
-constexpr bool kWithCuda = true;
-#define MPK_AC_LAUNCH(ref, fn, ...)                                                                \
-  do {                                                                                             \
-    if ((ref).is_cuda()) {                                                                         \
-      const c10::cuda::CUDAGuard mpk_guard((ref).device());                                        \
-      mpk::cuda::fn(__VA_ARGS__, c10::cuda::getCurrentCUDAStream((ref).get_device()).stream());    \
-    } else {                                                                                       \
-      mpk::cpu::fn(__VA_ARGS__);                                                                   \
-    }                                                                                              \
-  } while (0)
-#else
-constexpr bool kWithCuda = false;
-#define MPK_AC_LAUNCH(ref, fn, ...) mpk::cpu::fn(__VA_ARGS__)
-#endif
-
-constexpr int64_t kMaxNumel = (int64_t(1) << 31) - 1;
-
-DType dtype_of(const Tensor& t, const std::string& name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::F32;
-    case at::kHalf: return DType::F16;
-    case at::kBFloat16: return DType::BF16;
-    default:
-      TORCH_CHECK_TYPE(false, name, ": unsupported dtype ", t.scalar_type(),
-                       "; the mpkernels extension takes float32, float16 or bfloat16");
-  }
-  return DType::F32;  // unreachable
-}
+using namespace mpk::bind;
 
 void check_tensor(const Tensor& t, const std::string& name, int64_t ndim) {
-  TORCH_CHECK_TYPE(t.defined(), name, ": expected a tensor, got None");
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name, ": only strided (dense) tensors are supported, got ",
-                    t.layout());
-  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), name, ": tensors on ", t.device(),
-                    " are not supported; expected CPU or CUDA");
-  TORCH_CHECK_VALUE(!t.is_cuda() || kWithCuda, name,
-                    ": is a CUDA tensor but the mpkernels extension was built without CUDA");
-  TORCH_CHECK_VALUE(t.numel() <= kMaxNumel, name, ": has ", t.numel(),
-                    " elements; the mpkernels extension handles at most 2^31 - 1 per tensor");
+  mpk::bind::check_tensor(t, name);
   TORCH_CHECK_VALUE(t.dim() == ndim, name, ": expected ", ndim, " dims, got shape ", t.sizes());
-  dtype_of(t, name);
 }
 
 void check_like(const Tensor& t, const std::string& name, const Tensor& ref, const std::string& ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": on ", t.device(), " but ", ref_name, " is on ",
-                    ref.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, ": dtype ", t.scalar_type(), " does not match ",
-                   ref_name, " dtype ", ref.scalar_type());
-}
-
-float check_eps(double eps) {
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: must be finite and >= 0, got ", eps);
-  return static_cast<float>(eps);
+  check_same_device(t, name, ref, ref_name);
+  check_same_dtype(t, name, ref, ref_name);
 }
 
 // Strides (sN, sC, sL) of `t` [N, C, H, W] as [N, C, H*W]; false when H and W do not collapse.
@@ -123,7 +74,7 @@ std::vector<Tensor> qkv_normalize_fwd(const Tensor& qkv_in, int64_t heads, bool 
   out.push_back(at::empty({3, s.N, s.L, heads}, opts.dtype(at::kFloat)));
   void* ptrs[3] = {out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr()};
   const mpk::HeadsStrides os = heads_strides(out[0]);
-  MPK_AC_LAUNCH(x, qkv_normalize_fwd, dtype_of(x, "qkv"), s, x.data_ptr(), ptrs, os, out[3].data_ptr<float>(), e);
+  MPK_LAUNCH(x, qkv_normalize_fwd, dtype_of(x, "qkv"), s, x.data_ptr(), ptrs, os, out[3].data_ptr<float>(), e);
   return out;
 }
 
@@ -161,7 +112,7 @@ Tensor qkv_normalize_bwd(const Tensor& gq, const Tensor& gk, const Tensor& gv, c
     gx = at::empty_like(x, at::MemoryFormat::Contiguous);
     ncl_strides(gx, osN, osC, osL);
   }
-  MPK_AC_LAUNCH(x, qkv_normalize_bwd, dtype_of(x, "qkv"), s, gp, gs, x.data_ptr(), r.data_ptr<float>(),
+  MPK_LAUNCH(x, qkv_normalize_bwd, dtype_of(x, "qkv"), s, gp, gs, x.data_ptr(), r.data_ptr<float>(),
                 gx.data_ptr(), osN, osC, osL, e);
   if (!gx.is_same(result)) result.copy_(gx);
   return result;
@@ -184,7 +135,7 @@ Tensor mp_cat_fwd(const Tensor& a_in, const Tensor& b_in, double ca, double cb) 
   TORCH_CHECK_VALUE(M * (Ka + Kb) <= kMaxNumel, "a, b: the result has ", M * (Ka + Kb),
                     " elements; the mpkernels extension handles at most 2^31 - 1 per tensor");
   Tensor out = at::empty({M, Ka + Kb}, a.options());
-  MPK_AC_LAUNCH(a, mp_cat_fwd, dtype_of(a, "a"), M, Ka, Kb, a.data_ptr(), b.data_ptr(), out.data_ptr(),
+  MPK_LAUNCH(a, mp_cat_fwd, dtype_of(a, "a"), M, Ka, Kb, a.data_ptr(), b.data_ptr(), out.data_ptr(),
                 static_cast<float>(ca), static_cast<float>(cb));
   return out;
 }
@@ -198,7 +149,7 @@ std::vector<Tensor> mp_cat_bwd(const Tensor& g_in, int64_t ka, double ca, double
   const Tensor g = g_in.contiguous();
   const int64_t M = g.size(0), kb = g.size(1) - ka;
   Tensor ga = at::empty({M, ka}, g.options()), gb = at::empty({M, kb}, g.options());
-  MPK_AC_LAUNCH(g, mp_cat_bwd, dtype_of(g, "grad"), M, ka, kb, g.data_ptr(), ga.data_ptr(), gb.data_ptr(),
+  MPK_LAUNCH(g, mp_cat_bwd, dtype_of(g, "grad"), M, ka, kb, g.data_ptr(), ga.data_ptr(), gb.data_ptr(),
                 static_cast<float>(ca), static_cast<float>(cb));
   return {ga, gb};
 }
@@ -216,7 +167,7 @@ std::vector<Tensor> mp_cat_silu_fwd(const Tensor& a_in, const Tensor& b_in, doub
   TORCH_CHECK_VALUE(M * (Ka + Kb) <= kMaxNumel, "a, b: the result has ", M * (Ka + Kb),
                     " elements; the mpkernels extension handles at most 2^31 - 1 per tensor");
   Tensor x = at::empty({M, Ka + Kb}, a.options()), y = at::empty({M, Ka + Kb}, a.options());
-  MPK_AC_LAUNCH(a, mp_cat_silu_fwd, dtype_of(a, "a"), M, Ka, Kb, a.data_ptr(), b.data_ptr(), x.data_ptr(),
+  MPK_LAUNCH(a, mp_cat_silu_fwd, dtype_of(a, "a"), M, Ka, Kb, a.data_ptr(), b.data_ptr(), x.data_ptr(),
                 y.data_ptr(), static_cast<float>(ca), static_cast<float>(cb));
   return {x, y};
 }
@@ -244,7 +195,7 @@ std::vector<Tensor> mp_cat_silu_bwd(const std::optional<Tensor>& gx_in, const st
   const int64_t M = x.size(0), kb = x.size(1) - ka;
   if (!g[0].defined() && !g[1].defined()) return {at::zeros({M, ka}, x.options()), at::zeros({M, kb}, x.options())};
   Tensor ga = at::empty({M, ka}, x.options()), gb = at::empty({M, kb}, x.options());
-  MPK_AC_LAUNCH(x, mp_cat_silu_bwd, dtype_of(x, "x"), M, ka, kb, g[0].defined() ? g[0].data_ptr() : nullptr,
+  MPK_LAUNCH(x, mp_cat_silu_bwd, dtype_of(x, "x"), M, ka, kb, g[0].defined() ? g[0].data_ptr() : nullptr,
                 g[1].defined() ? g[1].data_ptr() : nullptr, x.data_ptr(), ga.data_ptr(), gb.data_ptr(),
                 static_cast<float>(ca), static_cast<float>(cb));
   return {ga, gb};

@@ -4,40 +4,17 @@
 // fp32 vector, so that the inner loops run over contiguous pixels. Otherwise one task per pixel
 // range, inner loops over d.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "attention_cat.h"
+#include "cpu_common.h"
 #include "mp_math.h"
 
 namespace mpk {
 namespace cpu {
 namespace {
-
-template <typename T>
-inline float f32(T v) { return static_cast<float>(v); }
-
-#define MPK_ATT_CPU_DISPATCH(dt, T, ...)         \
-  switch (dt) {                                  \
-    case DType::F32: {                           \
-      using T = float;                           \
-      __VA_ARGS__;                               \
-      break;                                     \
-    }                                            \
-    case DType::F16: {                           \
-      using T = c10::Half;                       \
-      __VA_ARGS__;                               \
-      break;                                     \
-    }                                            \
-    case DType::BF16: {                          \
-      using T = c10::BFloat16;                   \
-      __VA_ARGS__;                               \
-      break;                                     \
-    }                                            \
-  }
 
 inline int64_t rms_index(const QkvView& s, int64_t j, int64_t n, int64_t l, int64_t head) {
   return ((j * s.N + n) * s.L + l) * s.heads + head;
@@ -58,7 +35,7 @@ void fwd_t(const QkvView& s, const T* x, T* const* out, const HeadsStrides& os, 
         for (int64_t d = 0; d < s.D; ++d) {
           const T* xd = xr + d * sd;
           for (int64_t l = 0; l < s.L; ++l) {
-            const float v = f32(xd[l]);
+            const float v = to_f(xd[l]);
             acc[l] += v * v;
           }
         }
@@ -71,7 +48,7 @@ void fwd_t(const QkvView& s, const T* x, T* const* out, const HeadsStrides& os, 
         for (int64_t d = 0; d < s.D; ++d) {
           const T* xd = xr + d * sd;
           T* yd = yr + d * os.sD;
-          for (int64_t l = 0; l < s.L; ++l) yd[l * os.sL] = static_cast<T>(f32(xd[l]) * acc[l]);
+          for (int64_t l = 0; l < s.L; ++l) yd[l * os.sL] = static_cast<T>(to_f(xd[l]) * acc[l]);
         }
       }
     });
@@ -86,14 +63,14 @@ void fwd_t(const QkvView& s, const T* x, T* const* out, const HeadsStrides& os, 
           const T* xr = x + n * s.sN + (head * 3 * s.D + j * s.cj) * s.sC + l * s.sL;
           float acc = 0.0f;
           for (int64_t d = 0; d < s.D; ++d) {
-            const float v = f32(xr[d * sd]);
+            const float v = to_f(xr[d * sd]);
             acc += v * v;
           }
           const float rm = rms_from_sumsq(acc, inv_k);
           const float inv = inv_denom(rm, eps);
           rms[rms_index(s, j, n, l, head)] = rm;
           T* yr = out[j] + n * os.sN + l * os.sL + head * os.sH;
-          for (int64_t d = 0; d < s.D; ++d) yr[d * os.sD] = static_cast<T>(f32(xr[d * sd]) * inv);
+          for (int64_t d = 0; d < s.D; ++d) yr[d * os.sD] = static_cast<T>(to_f(xr[d * sd]) * inv);
         }
     }
   });
@@ -118,7 +95,7 @@ void bwd_t(const QkvView& s, const T* const* g, const HeadsStrides* gs, const T*
         for (int64_t d = 0; d < s.D; ++d) {
           const T* xd = xr + d * sd;
           const T* gd = gr + d * q.sD;
-          for (int64_t l = 0; l < s.L; ++l) dot[l] += f32(gd[l * q.sL]) * f32(xd[l]);
+          for (int64_t l = 0; l < s.L; ++l) dot[l] += to_f(gd[l * q.sL]) * to_f(xd[l]);
         }
         for (int64_t l = 0; l < s.L; ++l) {
           const float rm = rms[rms_index(s, j, n, l, head)];
@@ -130,7 +107,7 @@ void bwd_t(const QkvView& s, const T* const* g, const HeadsStrides* gs, const T*
           const T* xd = xr + d * sd;
           const T* gd = gr + d * q.sD;
           T* od_ = outr + d * od;
-          for (int64_t l = 0; l < s.L; ++l) od_[l] = static_cast<T>(f32(gd[l * q.sL]) * inv[l] - dot[l] * f32(xd[l]));
+          for (int64_t l = 0; l < s.L; ++l) od_[l] = static_cast<T>(to_f(gd[l * q.sL]) * inv[l] - dot[l] * to_f(xd[l]));
         }
       }
     });
@@ -147,12 +124,12 @@ void bwd_t(const QkvView& s, const T* const* g, const HeadsStrides* gs, const T*
           const HeadsStrides& q = gs[j];
           const T* gr = g[j] + n * q.sN + l * q.sL + head * q.sH;
           float dot = 0.0f;
-          for (int64_t d = 0; d < s.D; ++d) dot += f32(gr[d * q.sD]) * f32(xr[d * sd]);
+          for (int64_t d = 0; d < s.D; ++d) dot += to_f(gr[d * q.sD]) * to_f(xr[d * sd]);
           const float rm = rms[rms_index(s, j, n, l, head)];
           const float inv = inv_denom(rm, eps);
           const float coef = norm_grad_coef(inv, rm, inv_k) * dot;
           T* outr = gx + n * osN + ch * osC + l * osL;
-          for (int64_t d = 0; d < s.D; ++d) outr[d * od] = static_cast<T>(f32(gr[d * q.sD]) * inv - coef * f32(xr[d * sd]));
+          for (int64_t d = 0; d < s.D; ++d) outr[d * od] = static_cast<T>(to_f(gr[d * q.sD]) * inv - coef * to_f(xr[d * sd]));
         }
     }
   });
@@ -163,7 +140,7 @@ void bwd_t(const QkvView& s, const T* const* g, const HeadsStrides* gs, const T*
 void qkv_normalize_fwd(DType dt, const QkvView& s, const void* x, void* const* qkv_out, const HeadsStrides& os,
                        float* rms, float eps) {
   if (s.N * s.L * s.heads == 0) return;
-  MPK_ATT_CPU_DISPATCH(dt, T, {
+  MPK_CPU_DISPATCH(dt, T, {
     T* out[3] = {static_cast<T*>(qkv_out[0]), static_cast<T*>(qkv_out[1]), static_cast<T*>(qkv_out[2])};
     fwd_t<T>(s, static_cast<const T*>(x), out, os, rms, eps);
   });
@@ -172,7 +149,7 @@ void qkv_normalize_fwd(DType dt, const QkvView& s, const void* x, void* const* q
 void qkv_normalize_bwd(DType dt, const QkvView& s, const void* const* grads, const HeadsStrides* gs, const void* x,
                        const float* rms, void* gx, int64_t osN, int64_t osC, int64_t osL, float eps) {
   if (s.N * s.L * s.heads == 0) return;
-  MPK_ATT_CPU_DISPATCH(dt, T, {
+  MPK_CPU_DISPATCH(dt, T, {
     const T* g[3] = {static_cast<const T*>(grads[0]), static_cast<const T*>(grads[1]),
                      static_cast<const T*>(grads[2])};
     bwd_t<T>(s, g, gs, static_cast<const T*>(x), rms, static_cast<T*>(gx), osN, osC, osL, eps);

@@ -6,17 +6,13 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
-#if defined(MPK_WITH_CUDA)
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include <cmath>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "bindings_common.h"
 #include "launch_shapes.h"
 #include "mp_kernels.h"
 
@@ -25,63 +21,10 @@ namespace {
 using at::Tensor;
 using mpk::DType;
 using OptTensor = std::optional<Tensor>;
-
-#if defined(MPK_WITH_CUDA)
-constexpr bool kWithCuda = true;
-// Runs the CUDA twin on `ref`'s device and current stream, or the CPU twin.
-#define MPK_LAUNCH(ref, fn, ...)                                                                   \
-  do {                                                                                             \
-    if ((ref).is_cuda()) {                                                                         \
-      const c10::cuda::CUDAGuard mpk_guard((ref).device());                                        \
-      mpk::cuda::fn(__VA_ARGS__, c10::cuda::getCurrentCUDAStream((ref).get_device()).stream());    \
-    } else {                                                                                       \
-      mpk::cpu::fn(__VA_ARGS__);                                                                   \
-    }                                                                                              \
-  } while (0)
-#else
-constexpr bool kWithCuda = false;
-#define MPK_LAUNCH(ref, fn, ...) mpk::cpu::fn(__VA_ARGS__)
-#endif
-
-constexpr int64_t kMaxNumel = (int64_t(1) << 31) - 1;  // kernels index with 32-bit-safe offsets
+using namespace mpk::bind;
 
 // ------------------------------------------------------------------------------------------------
 // Validation
-
-DType dtype_of(const Tensor& t, const std::string& name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::F32;
-    case at::kHalf: return DType::F16;
-    case at::kBFloat16: return DType::BF16;
-    default:
-      TORCH_CHECK_TYPE(false, name, ": unsupported dtype ", t.scalar_type(),
-                       "; the mpkernels extension takes float32, float16 or bfloat16");
-  }
-  return DType::F32;  // unreachable
-}
-
-void check_tensor(const Tensor& t, const std::string& name) {
-  TORCH_CHECK_TYPE(t.defined(), name, ": expected a tensor, got None");
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name, ": only strided (dense) tensors are supported, got ",
-                    t.layout());
-  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), name, ": tensors on ", t.device(),
-                    " are not supported; expected CPU or CUDA");
-  TORCH_CHECK_VALUE(!t.is_cuda() || kWithCuda, name,
-                    ": is a CUDA tensor but the mpkernels extension was built without CUDA");
-  TORCH_CHECK_VALUE(t.numel() <= kMaxNumel, name, ": has ", t.numel(),
-                    " elements; the mpkernels extension handles at most 2^31 - 1 per tensor");
-  dtype_of(t, name);
-}
-
-void check_same_device(const Tensor& t, const std::string& name, const Tensor& ref, const std::string& ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": on ", t.device(), " but ", ref_name, " is on ",
-                    ref.device(), "; CPU and CUDA tensors (or tensors on different GPUs) cannot be mixed");
-}
-
-void check_same_dtype(const Tensor& t, const std::string& name, const Tensor& ref, const std::string& ref_name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, ": dtype ", t.scalar_type(), " does not match ",
-                   ref_name, " dtype ", ref.scalar_type());
-}
 
 void check_same_shape(const Tensor& t, const std::string& name, const Tensor& ref, const std::string& ref_name) {
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, ": shape ", t.sizes(), " does not match ", ref_name, " shape ",
@@ -103,24 +46,8 @@ void check_stats(const Tensor& rms, const Tensor& ref, int64_t count) {
   TORCH_CHECK_VALUE(rms.numel() == count, "rms: has ", rms.numel(), " elements, expected ", count);
 }
 
-float check_eps(double eps) {
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: must be finite and >= 0, got ", eps);
-  return static_cast<float>(eps);
-}
-
 // ------------------------------------------------------------------------------------------------
 // Layout
-
-// `t`'s values with `like`'s strides (`like` is dense): `t` itself when the strides already match.
-// `t` itself when its elements sit where `like`'s do (same shape, same strides on every dim of
-// size > 1: a [O, C, 1, 1] gradient strided (C, 1, 1, 1) matches a weight strided (C, 1, C, C)),
-// else a copy in `like`'s layout. `like` is dense (freshly allocated by the caller).
-Tensor laid_out_like(const Tensor& t, const Tensor& like) {
-  bool same = t.sizes() == like.sizes();
-  for (int64_t d = 0; same && d < t.dim(); ++d) same = t.size(d) == 1 || t.stride(d) == like.stride(d);
-  if (same) return t;
-  return at::empty_like(like, t.options()).copy_(t);
-}
 
 // The [N, C, L] view of `t` (spatial dims collapsed); false when they do not collapse or when
 // neither C nor L has unit stride.
@@ -148,11 +75,6 @@ bool ncl_of(const Tensor& t, mpk::NCL& s) {
   if (s.N == 1) s.sN = 0;  // canonical strides of size-1 dims (see mp_kernels.h)
   if (s.C == 1) s.sC = 1;
   return s.sC == 1 || s.sL == 1;
-}
-
-// Each index of dim 0 owns a contiguous block of numel / size(0) elements.
-bool row_dense(const Tensor& t) {
-  return t.is_non_overlapping_and_dense() && (t.size(0) <= 1 || t.stride(0) == t.numel() / t.size(0));
 }
 
 void* ptr_or_null(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }

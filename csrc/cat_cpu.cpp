@@ -2,28 +2,16 @@
 // parallel over rows with at::parallel_for, inner loops over contiguous columns in fp32; and the
 // fused mp_cat_mp_silu forward (x and y = mp_silu(x) of the rounded x) and backward.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "attention_cat.h"
-#include "mp_kernels.h"
+#include "cpu_common.h"
 #include "mp_math.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MPK_CAT_MULTI_ISA 1
-#else
-#define MPK_CAT_MULTI_ISA 0
-#endif
 
 namespace mpk {
 namespace cpu {
 namespace {
-
-constexpr int64_t kGrain = 32768;  // elements per parallel task
 
 template <typename T>
 inline void scale_row(const T* src, T* dst, int64_t k, float scale) {
@@ -33,7 +21,7 @@ inline void scale_row(const T* src, T* dst, int64_t k, float scale) {
 template <typename T>
 void cat_t(int64_t M, int64_t Ka, int64_t Kb, const T* a, const T* b, T* out, float ca, float cb) {
   const int64_t K = Ka + Kb;
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [=](int64_t s, int64_t e) {
+  at::parallel_for(0, M, grain_for(K), [=](int64_t s, int64_t e) {
     for (int64_t m = s; m < e; ++m) {
       scale_row(a + m * Ka, out + m * K, Ka, ca);
       scale_row(b + m * Kb, out + m * K + Ka, Kb, cb);
@@ -44,53 +32,12 @@ void cat_t(int64_t M, int64_t Ka, int64_t Kb, const T* a, const T* b, T* out, fl
 template <typename T>
 void split_t(int64_t M, int64_t Ka, int64_t Kb, const T* g, T* ga, T* gb, float ca, float cb) {
   const int64_t K = Ka + Kb;
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [=](int64_t s, int64_t e) {
+  at::parallel_for(0, M, grain_for(K), [=](int64_t s, int64_t e) {
     for (int64_t m = s; m < e; ++m) {
       scale_row(g + m * K, ga + m * Ka, Ka, ca);
       scale_row(g + m * K + Ka, gb + m * Kb, Kb, cb);
     }
   });
-}
-
-#define MPK_CAT_CPU_DISPATCH(dt, T, ...) \
-  switch (dt) {                          \
-    case DType::F32: {                   \
-      using T = float;                   \
-      __VA_ARGS__;                       \
-      break;                             \
-    }                                    \
-    case DType::F16: {                   \
-      using T = c10::Half;               \
-      __VA_ARGS__;                       \
-      break;                             \
-    }                                    \
-    case DType::BF16: {                  \
-      using T = c10::BFloat16;           \
-      __VA_ARGS__;                       \
-      break;                             \
-    }                                    \
-  }
-
-// Branch-free conversions for the fused rows (c10's bfloat16 rounding has a NaN branch that
-// blocks vectorisation); the same rounding as c10 and as csrc/mp_cpu.cpp.
-inline float to_f(float v) { return v; }
-inline float to_f(c10::Half v) { return static_cast<float>(v); }
-inline float to_f(c10::BFloat16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-template <typename T>
-inline T from_f(float v) { return static_cast<T>(v); }
-template <>
-inline c10::BFloat16 from_f<c10::BFloat16>(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-  r = f != f ? 0x7FC0u : r;                              // NaN stays a (quiet) NaN
-  return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
 }
 
 }  // namespace
@@ -100,7 +47,7 @@ namespace cs_default {
 #include "cat_silu_cpu_impl.h"
 }  // namespace cs_default
 
-#if MPK_CAT_MULTI_ISA
+#if MPK_CPU_MULTI_ISA
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace cs_avx2 {
@@ -118,20 +65,12 @@ namespace cs_avx512 {
 
 namespace {
 
-// The instruction set of the single-op twins (csrc/mp_cpu.cpp: the CPU's best, capped by
-// MPKERNELS_CPU_ISA or set_isa), so the fused and unfused twins round alike: 2 AVX-512, 1 AVX2.
-int isa_level() {
-  if (!MPK_CAT_MULTI_ISA) return 0;
-  const char* isa = isa_name();
-  return std::strcmp(isa, "avx512") == 0 ? 2 : std::strcmp(isa, "avx2") == 0 ? 1 : 0;
-}
-
 template <typename T>
 void cat_silu_t(int64_t M, int64_t Ka, int64_t Kb, const T* a, const T* b, T* x, T* y, float ca, float cb) {
   const int64_t K = Ka + Kb;
   const int isa = isa_level();
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [=](int64_t s, int64_t e) {
-#if MPK_CAT_MULTI_ISA
+  at::parallel_for(0, M, grain_for(K), [=](int64_t s, int64_t e) {
+#if MPK_CPU_MULTI_ISA
     if (isa == 2) return cs_avx512::cat_silu_rows<T>(s, e, Ka, Kb, a, b, x, y, ca, cb);
     if (isa == 1) return cs_avx2::cat_silu_rows<T>(s, e, Ka, Kb, a, b, x, y, ca, cb);
 #endif
@@ -144,8 +83,8 @@ void cat_silu_bwd_t(int64_t M, int64_t Ka, int64_t Kb, const T* gx, const T* gy,
                     float cb) {
   const int64_t K = Ka + Kb;
   const int isa = isa_level();
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K)), [=](int64_t s, int64_t e) {
-#if MPK_CAT_MULTI_ISA
+  at::parallel_for(0, M, grain_for(K), [=](int64_t s, int64_t e) {
+#if MPK_CPU_MULTI_ISA
     if (isa == 2) return cs_avx512::cat_silu_grad_rows<T, kGx, kGy>(s, e, Ka, Kb, gx, gy, x, ga, gb, ca, cb);
     if (isa == 1) return cs_avx2::cat_silu_grad_rows<T, kGx, kGy>(s, e, Ka, Kb, gx, gy, x, ga, gb, ca, cb);
 #endif
@@ -169,20 +108,20 @@ void cat_silu_bwd_any(int64_t M, int64_t Ka, int64_t Kb, const T* gx, const T* g
 void mp_cat_fwd(DType dt, int64_t M, int64_t Ka, int64_t Kb, const void* a, const void* b, void* out, float ca,
                 float cb) {
   if (M * (Ka + Kb) == 0) return;
-  MPK_CAT_CPU_DISPATCH(dt, T, cat_t<T>(M, Ka, Kb, static_cast<const T*>(a), static_cast<const T*>(b),
+  MPK_CPU_DISPATCH(dt, T, cat_t<T>(M, Ka, Kb, static_cast<const T*>(a), static_cast<const T*>(b),
                                        static_cast<T*>(out), ca, cb));
 }
 
 void mp_cat_bwd(DType dt, int64_t M, int64_t Ka, int64_t Kb, const void* g, void* ga, void* gb, float ca, float cb) {
   if (M * (Ka + Kb) == 0) return;
-  MPK_CAT_CPU_DISPATCH(dt, T, split_t<T>(M, Ka, Kb, static_cast<const T*>(g), static_cast<T*>(ga),
+  MPK_CPU_DISPATCH(dt, T, split_t<T>(M, Ka, Kb, static_cast<const T*>(g), static_cast<T*>(ga),
                                          static_cast<T*>(gb), ca, cb));
 }
 
 void mp_cat_silu_fwd(DType dt, int64_t M, int64_t Ka, int64_t Kb, const void* a, const void* b, void* x, void* y,
                      float ca, float cb) {
   if (M * (Ka + Kb) == 0) return;
-  MPK_CAT_CPU_DISPATCH(dt, T, cat_silu_t<T>(M, Ka, Kb, static_cast<const T*>(a), static_cast<const T*>(b),
+  MPK_CPU_DISPATCH(dt, T, cat_silu_t<T>(M, Ka, Kb, static_cast<const T*>(a), static_cast<const T*>(b),
                                             static_cast<T*>(x), static_cast<T*>(y), ca, cb));
 }
 
@@ -190,7 +129,7 @@ void mp_cat_silu_fwd(DType dt, int64_t M, int64_t Ka, int64_t Kb, const void* a,
 void mp_cat_silu_bwd(DType dt, int64_t M, int64_t Ka, int64_t Kb, const void* gx, const void* gy, const void* x,
                      void* ga, void* gb, float ca, float cb) {
   if (M * (Ka + Kb) == 0 || (gx == nullptr && gy == nullptr)) return;
-  MPK_CAT_CPU_DISPATCH(dt, T, cat_silu_bwd_any<T>(M, Ka, Kb, static_cast<const T*>(gx), static_cast<const T*>(gy),
+  MPK_CPU_DISPATCH(dt, T, cat_silu_bwd_any<T>(M, Ka, Kb, static_cast<const T*>(gx), static_cast<const T*>(gy),
                                                   static_cast<const T*>(x), static_cast<T*>(ga), static_cast<T*>(gb),
                                                   ca, cb));
 }

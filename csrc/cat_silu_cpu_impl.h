@@ -1,7 +1,7 @@
 // Row kernels of the CPU twin of mp_cat_mp_silu (csrc/cat_cpu.cpp), included there once per
 // instruction set (inside a namespace such as mpk::cpu::cs_avx2, under a matching `#pragma GCC
 // target`) so that the fp32 loops around mp_silu_f vectorise like the single-op twins
-// (csrc/mp_cpu_impl.h). Uses to_f / from_f from cat_cpu.cpp. No include guard on purpose.
+// (csrc/mp_cpu_impl.h). Uses to_f / from_f from csrc/cpu_common.h. No include guard on purpose.
 namespace {
 
 // x = src * scale rounded to T; y = mp_silu of that rounded x.

@@ -7,8 +7,6 @@
 // (SSE2), AVX2+FMA and AVX-512, and the best one the CPU supports is used
 // (MPKERNELS_CPU_ISA=default|avx2|avx512 caps it; set_isa() too, for tests).
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
@@ -17,77 +15,12 @@
 #include <string>
 #include <vector>
 
+#include "cpu_common.h"
 #include "mp_kernels.h"
 #include "mp_math.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MPK_CPU_MULTI_ISA 1
-#else
-#define MPK_CPU_MULTI_ISA 0
-#endif
-
 namespace mpk {
 namespace cpu {
-namespace {
-
-// Conversions (defined before any target pragma: inlined into every variant).
-template <typename T>
-inline float to_f(T v) { return static_cast<float>(v); }
-// bfloat16 <-> fp32 without branches (c10's rounding has a NaN branch that blocks vectorisation).
-inline float to_f(c10::BFloat16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-template <typename T>
-inline T from_f(float v) { return static_cast<T>(v); }
-template <>
-inline c10::BFloat16 from_f<c10::BFloat16>(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-  r = f != f ? 0x7FC0u : r;                              // NaN stays a (quiet) NaN
-  return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
-}
-
-#define MPK_CPU_CASE(enum_value, type, T, ...) \
-  case DType::enum_value: {                    \
-    using T = type;                            \
-    __VA_ARGS__;                               \
-    break;                                     \
-  }
-#define MPK_CPU_DISPATCH(dt, T, ...)                  \
-  switch (dt) {                                       \
-    MPK_CPU_CASE(F32, float, T, __VA_ARGS__)          \
-    MPK_CPU_CASE(F16, c10::Half, T, __VA_ARGS__)      \
-    MPK_CPU_CASE(BF16, c10::BFloat16, T, __VA_ARGS__) \
-  }
-
-inline float load_any(const void* p, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::F16: return to_f(static_cast<const c10::Half*>(p)[i]);
-    case DType::BF16: return to_f(static_cast<const c10::BFloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-inline void store_any(void* p, DType dt, int64_t i, float v) {
-  switch (dt) {
-    case DType::F16: static_cast<c10::Half*>(p)[i] = from_f<c10::Half>(v); break;
-    case DType::BF16: static_cast<c10::BFloat16*>(p)[i] = from_f<c10::BFloat16>(v); break;
-    default: static_cast<float*>(p)[i] = v;
-  }
-}
-
-constexpr int64_t kGrain = 32768;  // elements per parallel task, below which one thread does it all
-
-inline int64_t grain_for(int64_t work_per_item) {
-  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, work_per_item));
-}
-
-}  // namespace
 
 namespace isa_default {
 #include "mp_cpu_impl.h"

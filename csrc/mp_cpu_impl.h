@@ -1,37 +1,10 @@
 // Body of the CPU twins, included by mp_cpu.cpp once per instruction set (inside a namespace such
 // as mpk::cpu::isa_avx2, under a matching `#pragma GCC target`), so that the same source is
 // auto-vectorised for SSE2, AVX2+FMA and AVX-512 and picked at run time. No include guard on
-// purpose. Uses to_f / from_f / load_any / store_any / grain_for from mp_cpu.cpp.
+// purpose. Uses to_f / from_f / load_any / store_any / grain_for from csrc/cpu_common.h.
 namespace {
 
-// Sum of squares and dot product of unit-stride rows, eight partial sums.
-template <typename T>
-inline float sumsq(const T* p, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) {
-      float v = to_f(p[i + j]);
-      acc[j] += v * v;
-    }
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) {
-    float v = to_f(p[i]);
-    s += v * v;
-  }
-  return s;
-}
-
-template <typename TA, typename TB>
-inline float dot(const TA* a, const TB* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += to_f(a[i + j]) * to_f(b[i + j]);
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += to_f(a[i]) * to_f(b[i]);
-  return s;
-}
+#include "row_sums_cpu_impl.h"
 
 // Walks consecutive pixels of an [N, C, L] view: offset of each pixel's first channel, without
 // a division per pixel.

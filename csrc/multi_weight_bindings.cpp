@@ -15,72 +15,28 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
-#if defined(MPK_WITH_CUDA)
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "bindings_common.h"
 #include "multi_weight.h"
 
 namespace {
 
 using at::Tensor;
 using mpk::DType;
-
-constexpr int64_t kMaxNumel = (int64_t(1) << 31) - 1;
-
-std::string item(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
-
-DType dtype_of(const Tensor& t, const std::string& name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::F32;
-    case at::kHalf: return DType::F16;
-    case at::kBFloat16: return DType::BF16;
-    default:
-      TORCH_CHECK_TYPE(false, name, ": unsupported dtype ", t.scalar_type(),
-                       "; the mpkernels extension takes float32, float16 or bfloat16");
-  }
-  return DType::F32;  // unreachable
-}
-
-at::ScalarType scalar_type_of(DType dt) {
-  switch (dt) {
-    case DType::F16: return at::kHalf;
-    case DType::BF16: return at::kBFloat16;
-    default: return at::kFloat;
-  }
-}
+using namespace mpk::bind;
 
 void check_tensor(const Tensor& t, const std::string& name, const Tensor* ref) {
-  TORCH_CHECK_TYPE(t.defined(), name, ": expected a tensor, got None");
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name, ": only strided (dense) tensors are supported, got ",
-                    t.layout());
-  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), name, ": tensors on ", t.device(),
-                    " are not supported; expected CPU or CUDA");
-#if !defined(MPK_WITH_CUDA)
-  TORCH_CHECK_VALUE(!t.is_cuda(), name, ": is a CUDA tensor but the mpkernels extension was built without CUDA");
-#endif
-  TORCH_CHECK_VALUE(t.numel() <= kMaxNumel, name, ": has ", t.numel(),
-                    " elements; the mpkernels extension handles at most 2^31 - 1 per tensor");
-  dtype_of(t, name);
-  if (ref)
-    TORCH_CHECK_VALUE(t.device() == ref->device(), name, ": on ", t.device(), " but weights[0] is on ", ref->device(),
-                      "; CPU and CUDA tensors (or tensors on different GPUs) cannot be mixed");
+  mpk::bind::check_tensor(t, name);
+  if (ref) check_same_device(t, name, *ref, "weights[0]");
 }
 
 void check_count(size_t n, const char* name, size_t want) {
   TORCH_CHECK_VALUE(n == want, name, ": ", n, " entries but weights has ", want);
-}
-
-// Each index of dim 0 owns a contiguous block of numel / size(0) elements.
-bool row_dense(const Tensor& t) {
-  return t.is_non_overlapping_and_dense() && (t.size(0) <= 1 || t.stride(0) == t.numel() / t.size(0));
 }
 
 // Memory for an output (or gradient) of weight `w`: w's layout when each row is one contiguous
@@ -88,17 +44,6 @@ bool row_dense(const Tensor& t) {
 Tensor out_like(const Tensor& w, at::ScalarType dtype) {
   Tensor out = at::empty_like(w, w.options().dtype(dtype));
   return row_dense(out) ? out : at::empty(w.sizes(), w.options().dtype(dtype));
-}
-
-// `t`'s values with `like`'s strides: `t` itself when they already match.
-// `t` itself when its elements sit where `like`'s do (same shape, same strides on every dim of
-// size > 1: a [O, C, 1, 1] gradient strided (C, 1, 1, 1) matches a weight strided (C, 1, C, C)),
-// else a copy in `like`'s layout. `like` is dense (freshly allocated by the caller).
-Tensor laid_out_like(const Tensor& t, const Tensor& like) {
-  bool same = t.sizes() == like.sizes();
-  for (int64_t d = 0; same && d < t.dim(); ++d) same = t.size(d) == 1 || t.stride(d) == like.stride(d);
-  if (same) return t;
-  return at::empty_like(like, t.options()).copy_(t);
 }
 
 // The validated arguments shared by forward and backward.
@@ -176,11 +121,6 @@ void per_group(const Plan& plan, Run run) {
       if (plan.out_dtype[i] == dt) group.push_back(plan.rows[i]);
     if (!group.empty()) run(dt, group);
   }
-}
-
-float check_eps(double eps) {
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: must be finite and >= 0, got ", eps);
-  return static_cast<float>(eps);
 }
 
 std::tuple<std::vector<Tensor>, Tensor> mp_weights_fwd(const std::vector<Tensor>& weights,

@@ -5,74 +5,17 @@
 // (csrc/multi_weight_cpu_impl.h) are compiled for SSE2, AVX2+FMA and AVX-512 and run with the
 // instruction set the single-tensor twins use.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
+#include "cpu_common.h"
 #include "multi_weight.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MPK_MW_MULTI_ISA 1
-#else
-#define MPK_MW_MULTI_ISA 0
-#endif
 
 namespace mpk {
 namespace cpu {
 namespace {
-
-inline float to_f(float v) { return v; }
-inline float to_f(c10::Half v) { return static_cast<float>(v); }
-inline float to_f(c10::BFloat16 v) {  // branch-free widening (vectorises)
-  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-template <typename T>
-inline T from_f(float v) { return static_cast<T>(v); }
-template <>
-inline c10::BFloat16 from_f<c10::BFloat16>(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-  r = f != f ? 0x7FC0u : r;                              // NaN stays a (quiet) NaN
-  return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
-}
-
-#define MPK_MW_CASE(enum_value, type, T, ...) \
-  case DType::enum_value: {                   \
-    using T = type;                           \
-    __VA_ARGS__;                              \
-    break;                                    \
-  }
-#define MPK_MW_DISPATCH(dt, T, ...)                  \
-  switch (dt) {                                      \
-    MPK_MW_CASE(F32, float, T, __VA_ARGS__)          \
-    MPK_MW_CASE(F16, c10::Half, T, __VA_ARGS__)      \
-    MPK_MW_CASE(BF16, c10::BFloat16, T, __VA_ARGS__) \
-  }
-
-inline float load_any(const void* p, DType dt) {
-  switch (dt) {
-    case DType::F16: return to_f(*static_cast<const c10::Half*>(p));
-    case DType::BF16: return to_f(*static_cast<const c10::BFloat16*>(p));
-    default: return *static_cast<const float*>(p);
-  }
-}
-
-inline void store_any(void* p, DType dt, float v) {
-  switch (dt) {
-    case DType::F16: *static_cast<c10::Half*>(p) = from_f<c10::Half>(v); break;
-    case DType::BF16: *static_cast<c10::BFloat16*>(p) = from_f<c10::BFloat16>(v); break;
-    default: *static_cast<float*>(p) = v;
-  }
-}
 
 inline float gain_of(const WeightRows& t) { return t.gain_ptr ? load_any(t.gain_ptr, t.gain_dtype) : t.gain; }
 inline float inv_sqrt(int64_t len) { return 1.0f / std::sqrt(static_cast<float>(len)); }
@@ -83,7 +26,7 @@ namespace mw_default {
 #include "multi_weight_cpu_impl.h"
 }  // namespace mw_default
 
-#if MPK_MW_MULTI_ISA
+#if MPK_CPU_MULTI_ISA
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace mw_avx2 {
@@ -103,16 +46,16 @@ namespace {
 
 // The instruction set of the single-tensor twins (mp_cpu.cpp: the CPU's best, capped by
 // MPKERNELS_CPU_ISA or set_isa), so both twins round alike.
-#if MPK_MW_MULTI_ISA
-#define MPK_MW_ISA_CALL(fn, ...)                                          \
-  do {                                                                    \
-    const char* isa = isa_name();                                         \
-    if (std::strcmp(isa, "avx512") == 0)                                  \
-      mw_avx512::fn(__VA_ARGS__);                                         \
-    else if (std::strcmp(isa, "avx2") == 0)                               \
-      mw_avx2::fn(__VA_ARGS__);                                           \
-    else                                                                  \
-      mw_default::fn(__VA_ARGS__);                                        \
+#if MPK_CPU_MULTI_ISA
+#define MPK_MW_ISA_CALL(fn, ...)           \
+  do {                                     \
+    const int isa = isa_level();           \
+    if (isa == 2)                          \
+      mw_avx512::fn(__VA_ARGS__);          \
+    else if (isa == 1)                     \
+      mw_avx2::fn(__VA_ARGS__);            \
+    else                                   \
+      mw_default::fn(__VA_ARGS__);         \
   } while (0)
 #else
 #define MPK_MW_ISA_CALL(fn, ...) mw_default::fn(__VA_ARGS__)
@@ -129,7 +72,7 @@ void for_rows(const WeightRows* ws, int64_t count, RowRange row_range) {
   }
   const int64_t total = first[count];
   if (total == 0) return;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems / total));
+  const int64_t grain = grain_for(elems / total);
   at::parallel_for(0, total, grain, [=](int64_t b, int64_t e) { row_range(first.data(), b, e); });
 }
 
@@ -153,7 +96,7 @@ void mp_weights_gain_grads(const GainGrad* gains, int64_t count, const float* pa
     const GainGrad& g = gains[j];
     float tot = 0.0f;
     for (int64_t o = 0; o < g.rows; ++o) tot += partial[g.stat + o];
-    store_any(g.out, g.dtype, tot * inv_sqrt(g.len));
+    store_any(g.out, g.dtype, 0, tot * inv_sqrt(g.len));
   }
 }
 

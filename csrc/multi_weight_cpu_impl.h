@@ -1,35 +1,10 @@
 // Row kernels of mp_weights' CPU twins, included by multi_weight_cpu.cpp once per instruction set
 // (inside mpk::cpu::mw_<isa>, under a matching `#pragma GCC target`), like mp_cpu_impl.h. No
-// include guard on purpose. Uses to_f / from_f / gain_of / inv_sqrt from multi_weight_cpu.cpp.
+// include guard on purpose. Uses to_f / from_f (csrc/cpu_common.h) and gain_of / inv_sqrt
+// (multi_weight_cpu.cpp).
 namespace {
 
-template <typename T>
-inline float sumsq(const T* p, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) {
-      const float v = to_f(p[i + j]);
-      acc[j] += v * v;
-    }
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) {
-    const float v = to_f(p[i]);
-    s += v * v;
-  }
-  return s;
-}
-
-template <typename TA, typename TB>
-inline float dot(const TA* a, const TB* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += to_f(a[i + j]) * to_f(b[i + j]);
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += to_f(a[i]) * to_f(b[i]);
-  return s;
-}
+#include "row_sums_cpu_impl.h"
 
 template <typename TW, typename TO>
 void fwd_row(const WeightRows& t, int64_t row, float eps, float* rms) {
@@ -74,7 +49,7 @@ inline void fwd_rows(DType out_dtype, const WeightRows* ws, const int64_t* first
   for (int64_t i = b; i < e; ++i) {
     while (i >= first[t + 1]) ++t;
     const WeightRows& w = ws[t];
-    MPK_MW_DISPATCH(out_dtype, TO, MPK_MW_DISPATCH(w.w_dtype, TW, fwd_row<TW, TO>(w, i - first[t], eps, rms)));
+    MPK_CPU_DISPATCH(out_dtype, TO, MPK_CPU_DISPATCH(w.w_dtype, TW, fwd_row<TW, TO>(w, i - first[t], eps, rms)));
   }
 }
 
@@ -85,7 +60,7 @@ inline void bwd_rows(DType grad_dtype, const WeightRows* ws, const int64_t* firs
   for (int64_t i = b; i < e; ++i) {
     while (i >= first[t + 1]) ++t;
     const WeightRows& w = ws[t];
-    MPK_MW_DISPATCH(grad_dtype, TG,
-                    MPK_MW_DISPATCH(w.w_dtype, TW, bwd_row<TW, TG>(w, i - first[t], eps, rms, partial)));
+    MPK_CPU_DISPATCH(grad_dtype, TG,
+                    MPK_CPU_DISPATCH(w.w_dtype, TW, bwd_row<TW, TG>(w, i - first[t], eps, rms, partial)));
   }
 }
