@@ -85,16 +85,29 @@ def _load_vectors(base, tok, d, L, D, s_c, s_l, J: tl.constexpr, HC: tl.constexp
 
 
 @triton.jit
-def _attn_norms_kernel(qkv_ptr, inv_ptr, L, heads, D, C3, Cn, n_tblocks, eps, rsqrt_d,
-                       CL: tl.constexpr, HC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """inv[n, head, j, token] = 1 / (eps + ||x|| / sqrt(D)) for every q, k, v vector (fp32), one read of qkv."""
+def _head_program(L, heads, D, C3, Cn, n_blocks, CL: tl.constexpr):
+    """What program ``program_id(0)`` handles: block ``blk`` of the tokens of (batch, head) ``bh``.
+
+    Returns ``(bh, blk, s_c, s_l, so_c, so_l, sample, o_off)``: the strides of :func:`_strides`,
+    ``sample`` the element offset of the head's first q/k/v channel in qkv, ``o_off`` that of its
+    first channel in the output (and in dO)."""
     pid = tl.program_id(0)
-    bh = pid // n_tblocks
-    tb = pid % n_tblocks
+    bh = pid // n_blocks
+    blk = pid % n_blocks
     n = bh // heads
     h = bh % heads
     s_c, s_l, so_c, so_l = _strides(L, C3, Cn, CL)
-    base = qkv_ptr + n.to(tl.int64) * C3 * L + (h * 3 * D) * s_c
+    sample = n.to(tl.int64) * C3 * L + (h * 3 * D) * s_c
+    o_off = n.to(tl.int64) * Cn * L + (h * D) * so_c
+    return bh, blk, s_c, s_l, so_c, so_l, sample, o_off
+
+
+@triton.jit
+def _attn_norms_kernel(qkv_ptr, inv_ptr, L, heads, D, C3, Cn, n_tblocks, eps, rsqrt_d,
+                       CL: tl.constexpr, HC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """inv[n, head, j, token] = 1 / (eps + ||x|| / sqrt(D)) for every q, k, v vector (fp32), one read of qkv."""
+    bh, tb, s_c, s_l, so_c, so_l, sample, o_off = _head_program(L, heads, D, C3, Cn, n_tblocks, CL)
+    base = qkv_ptr + sample
     d = tl.arange(0, BLOCK_D)
     tok = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     for j in tl.static_range(3):
@@ -108,13 +121,8 @@ def _attn_fwd_kernel(qkv_ptr, inv_ptr, o_ptr, lse_ptr, L, heads, D, C3, Cn, n_mb
                      CL: tl.constexpr, HC: tl.constexpr, FP32: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per (batch, head, query block): online softmax over key blocks; logits = (q . k) * inv_q * inv_k / sqrt(D)."""
-    pid = tl.program_id(0)
-    bh = pid // n_mblocks
-    mb = pid % n_mblocks
-    n = bh // heads
-    h = bh % heads
-    s_c, s_l, so_c, so_l = _strides(L, C3, Cn, CL)
-    base = qkv_ptr + n.to(tl.int64) * C3 * L + (h * 3 * D) * s_c
+    bh, mb, s_c, s_l, so_c, so_l, sample, o_off = _head_program(L, heads, D, C3, Cn, n_mblocks, CL)
+    base = qkv_ptr + sample
     inv_base = inv_ptr + bh.to(tl.int64) * 3 * L
     d = tl.arange(0, BLOCK_D)
     tok_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -141,7 +149,7 @@ def _attn_fwd_kernel(qkv_ptr, inv_ptr, o_ptr, lse_ptr, L, heads, D, C3, Cn, n_mb
         acc = acc * alpha[:, None] + _dot((p * inv_v[None, :]).to(v.dtype), v, FP32)
         m_i = m_new
     o = acc / l_i[:, None]
-    o_base = o_ptr + n.to(tl.int64) * Cn * L + (h * D) * so_c
+    o_base = o_ptr + o_off
     tl.store(o_base + d[None, :] * so_c + tok_m[:, None] * so_l, o.to(o_ptr.dtype.element_ty),
              mask=mmask[:, None] & (d < D)[None, :])
     tl.store(lse_ptr + bh.to(tl.int64) * L + tok_m, m_i + tl.math.log2(l_i), mask=mmask)
@@ -186,15 +194,9 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, inv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr
                           CL: tl.constexpr, HC: tl.constexpr, FP32: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per (batch, head, key block): dk, dv accumulated over every query block."""
-    pid = tl.program_id(0)
-    bh = pid // n_nblocks
-    nb = pid % n_nblocks
-    n = bh // heads
-    h = bh % heads
-    s_c, s_l, so_c, so_l = _strides(L, C3, Cn, CL)
-    sample = n.to(tl.int64) * C3 * L + (h * 3 * D) * s_c
+    bh, nb, s_c, s_l, so_c, so_l, sample, o_off = _head_program(L, heads, D, C3, Cn, n_nblocks, CL)
     base = qkv_ptr + sample
-    o_base = do_ptr + n.to(tl.int64) * Cn * L + (h * D) * so_c
+    o_base = do_ptr + o_off
     inv_base = inv_ptr + bh.to(tl.int64) * 3 * L
     row_base = bh.to(tl.int64) * L
     d = tl.arange(0, BLOCK_D)
@@ -242,15 +244,9 @@ def _attn_bwd_dq_kernel(qkv_ptr, inv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, 
                         CL: tl.constexpr, HC: tl.constexpr, FP32: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per (batch, head, query block): dq accumulated over every key block."""
-    pid = tl.program_id(0)
-    bh = pid // n_mblocks
-    mb = pid % n_mblocks
-    n = bh // heads
-    h = bh % heads
-    s_c, s_l, so_c, so_l = _strides(L, C3, Cn, CL)
-    sample = n.to(tl.int64) * C3 * L + (h * 3 * D) * s_c
+    bh, mb, s_c, s_l, so_c, so_l, sample, o_off = _head_program(L, heads, D, C3, Cn, n_mblocks, CL)
     base = qkv_ptr + sample
-    o_base = do_ptr + n.to(tl.int64) * Cn * L + (h * D) * so_c
+    o_base = do_ptr + o_off
     inv_base = inv_ptr + bh.to(tl.int64) * 3 * L
     row_base = bh.to(tl.int64) * L
     d = tl.arange(0, BLOCK_D)
