@@ -324,11 +324,30 @@ def cat_rows(a: torch.Tensor, b: torch.Tensor, dim: int, t: float):
             lambda y2: y2.reshape(shape).permute(inverse))
 
 
+@torch.compiler.assume_constant_result
+def _inductor_cpp_wrapper() -> bool:
+    from torch._inductor import config as inductor_config
+    return bool(inductor_config.cpp_wrapper)
+
+
+def list_results_unsupported() -> bool:
+    """True while ``torch.compile`` traces with Inductor's C++ wrapper on (``torch._inductor.config.cpp_wrapper``,
+    set globally, by ``config.patch`` around the call, or by ``TORCHINDUCTOR_CPP_WRAPPER=1``).
+
+    That wrapper cannot call a Python custom op whose result is a list of tensors ("fallback kernels
+    with runtime lookup currently only support tensor returns"), so the ops with ``Tensor[]`` results
+    (``mp_weights``) report themselves unsupported then and the call runs on the reference's aten ops,
+    which Inductor compiles itself. ``torch.compile(options={"cpp_wrapper": True})`` applies its
+    options only after tracing and is not seen here: set the config instead."""
+    return torch.compiler.is_compiling() and _inductor_cpp_wrapper()
+
+
 def fake_like(*tensors: torch.Tensor):
     """Fake function helper: outputs shaped, typed and strided like the given inputs."""
     outs = tuple(torch.empty_like(t) for t in tensors)
     return outs if len(outs) > 1 else outs[0]
 
 
-__all__ = ["kernel_op", "with_backward", "fake_like", "is_dense", "memory_order", "cat_rows", "lean_path", "KernelOp", "NAMESPACE"]
+__all__ = ["kernel_op", "with_backward", "fake_like", "is_dense", "memory_order", "cat_rows", "lean_path", "KernelOp", "NAMESPACE",
+           "list_results_unsupported"]
 

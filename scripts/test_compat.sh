@@ -14,6 +14,7 @@
 # without slow tests, the torch.compile model test (minutes in the interpreter) and the trainer
 # test of force_finite_ (the digits dataset needs scikit-learn, which this venv does not install);
 # about 8 minutes on 2 cores (most of it the AOT compiles), plus 41 s to create the venv the first time.
+# Then the torch.compile tests of the network and the training step (about 4 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=${COMPAT_TORCH:-2.11.0}
@@ -61,4 +62,11 @@ echo "compat: environment ready in $(( $(date +%s) - t0 )) s"
   tests/test_triton_*.py tests/test_mp_weights.py tests/test_mp_weights_forced.py tests/test_mp_cat_silu.py \
   tests/test_sum_norm_silu.py tests/test_sum_cat_silu.py tests/test_up_silu.py tests/test_cpu_conv.py \
   tests/test_force_finite.py tests/test_multi_tensor_safety.py "$@"
+# torch.compile of the EDM2 network and of the whole training step under torch 2.11's Dynamo and
+# Inductor, with the extension's CPU twins (no interpreter: about 4 minutes). Without extra arguments only.
+if [ $# -eq 0 ]; then
+  "$V/bin/python" -m pytest -q -p no:cacheprovider -m "not gpu" -k "compile or cpp_wrapper" \
+    tests/test_step_capture.py tests/test_networks.py tests/test_cpp_wrapper.py tests/test_accelerate.py \
+    tests/test_nn_modules.py
+fi
 echo "compat: done in $(( $(date +%s) - t0 )) s"

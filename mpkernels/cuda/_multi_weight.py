@@ -196,6 +196,8 @@ def mp_weights(weights, gains, eps, qkv_heads, dtypes):
 
 def _supports(weights, gains, eps, qkv_heads, dtypes) -> bool:
     from . import _EXT
+    if _library.list_results_unsupported():  # Inductor's C++ wrapper: no Tensor[] results
+        return False
     for t in list(weights) + [g for g in gains if isinstance(g, torch.Tensor)]:
         if t.dtype not in _DTYPES or t.numel() > _MAX_NUMEL:
             return False

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .. import reference
 from ..multi_weight import FORCE_EPS
-from .._library import NAMESPACE
+from .._library import NAMESPACE, list_results_unsupported
 from . import _common as C
 from . import mp_weight as MW
 from . import multi_tensor as MT
@@ -549,7 +549,10 @@ def mp_weights_forced(weights, gains, eps, qkv_heads, dtypes) -> list[torch.Tens
 
 def supports(weights, gains, eps, qkv_heads, dtypes) -> bool:
     """fp32 weights whose rows are contiguous blocks (contiguous or channels_last), outputs in
-    float32/float16/bfloat16; anything else (float64, a transposed weight) runs on the reference."""
+    float32/float16/bfloat16; anything else (float64, a transposed weight) runs on the reference.
+    Neither while Inductor's C++ wrapper compiles (:func:`mpkernels._library.list_results_unsupported`)."""
+    if list_results_unsupported():
+        return False
     return (all(w.dtype == torch.float32 and _rows_are_blocks(w) for w in weights)
             and all(d in C.DTYPES for d in dtypes)
             and all(g.dtype in C.DTYPES for g in gains if isinstance(g, torch.Tensor)))

@@ -307,7 +307,9 @@ def effective_weights(owner: torch.nn.Module, layers) -> dict:
     :func:`clear_weight_cache` after them.
     """
     compiling = torch.compiler.is_compiling()
-    requested = owner.__dict__.pop("_fold_forced_norm", False) and owner.training and not compiling
+    # Not while compiling: the flag is for the eager step (and torch 2.11's Dynamo cannot trace
+    # ``__dict__.pop``).
+    requested = not compiling and owner.__dict__.pop("_fold_forced_norm", False) and owner.training
     forced = [conv.weight for _, conv, *_ in layers if conv.training and conv.forced_weight_norm]
     fold = requested or len(forced) == len(layers)  # normalized in place inside mp_weights (spec §1 step 2)
     if requested:  # fold_forced_norm promised every MPConv weight of owner
