@@ -73,21 +73,28 @@ def make_sampler(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch
 
 
 def interleaved(fns: dict, rounds: int, reps: int, warmup: int = 2) -> dict:
-    """``{name: {'median_ms', 'p20_ms', 'p80_ms', 'n'}}``: every fn run ``rounds x reps`` times, in turns."""
+    """``{name: {'median_ms', 'p20_ms', 'p80_ms', 'n', 'page_faults'}}``: every fn run ``rounds x reps``
+    times, in turns; ``page_faults``: the process's minor page faults per run of fn (mean)."""
+    from edm2fast.hostmem import minor_page_faults
+
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
+    faults = dict.fromkeys(fns, 0)
     for _ in range(rounds):
         for name, fn in fns.items():
+            f0 = minor_page_faults()
             for _ in range(reps):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1e3)
+            faults[name] += minor_page_faults() - f0
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
-        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[1], "p80_ms": q[7], "n": len(ts)}
+        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[1], "p80_ms": q[7], "n": len(ts),
+                     "page_faults": faults[name] / len(ts)}
     return out
 
 
@@ -204,11 +211,11 @@ def breakdown(net_kwargs: dict, batch: int, variants, steps: int = 3) -> list[di
 def _print_train(batch: int, rows: list[dict], fused_adam: bool = False) -> None:
     print(f"\ntraining step, small network (16x16), batch {batch}, fp32, CPU ({torch.get_num_threads()} threads)"
           + (", fused Adam" if fused_adam else ""))
-    print(f"{'variant':<20} {'ms/step':>9} {'p20':>8} {'p80':>8} {'x ref':>7} {'x ref+compile':>14}")
+    print(f"{'variant':<20} {'ms/step':>9} {'p20':>8} {'p80':>8} {'faults':>8} {'x ref':>7} {'x ref+compile':>14}")
     for r in rows:
         met = [f"x{TARGETS[k]} over {k}: {'met' if r[f'met_{k}'] else 'missed'}" for k in TARGETS if f"met_{k}" in r]
         flags = f"  ({'; '.join(met)})" if met else ""
-        print(f"{r['variant']:<20} {r['median_ms']:9.2f} {r['p20_ms']:8.2f} {r['p80_ms']:8.2f} "
+        print(f"{r['variant']:<20} {r['median_ms']:9.2f} {r['p20_ms']:8.2f} {r['p80_ms']:8.2f} {r['page_faults']:8.0f} "
               f"{r.get('x_reference', float('nan')):7.2f} {r.get('x_reference+compile', float('nan')):14.2f}"
               + flags)
 
@@ -229,9 +236,19 @@ def main(argv=None) -> dict:
                    help="where each variant's step time goes (profiled; not a timing run)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; 1 is steadier on a machine shared with other work)")
+    p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                   help="host memory of the whole process, every variant alike: tuned = glibc keeps freed "
+                        "memory in the heap (edm2fast.hostmem.retain_freed_memory, what the trainer and "
+                        "generate do on a CPU), default = glibc's defaults (default: tuned)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = "default"
+    if args.malloc == "tuned":
+        from edm2fast.hostmem import retain_freed_memory
+        applied, msg = retain_freed_memory()
+        malloc = "tuned" if applied else "default"
+        print(msg)
     net_kwargs = dict(C.SMALL_CONFIG)
     if args.profile:
         for b in args.batches:
@@ -248,7 +265,7 @@ def main(argv=None) -> dict:
                 print(f"{r['variant']:<20}" + "".join(f"{r[c]:15.1f}" for c in cols)
                       + f"{r.get('ceiling_x_reference', float('nan')):15.2f}")
         return out
-    report = {"train_step": {}, "sampling": None}
+    report = {"train_step": {}, "sampling": None, "malloc": malloc}
     for b in args.batches:
         rows = train_table(net_kwargs, b, args.variants, rounds=args.rounds, reps=args.reps,
                            fused_adam=args.fused_adam or None)

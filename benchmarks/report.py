@@ -120,14 +120,19 @@ def write_markdown(report: dict, path: str) -> None:
     cs = report.get("cpu_speed") or {}
     if cs.get("train_step"):
         lines += ["", "## CPU training step, fused path vs reference (issue 10 targets: x1.5 over reference, "
-                  "x1.1 over reference+compile)", "", "| batch | variant | ms/step (p20-p80) | x reference | "
-                  "x reference+compile |", "|---|---|---|---|---|"]
+                  "x1.1 over reference+compile)", "",
+                  f"Host memory of the process (every variant alike): {cs.get('malloc', 'default')} "
+                  "(see `edm2fast.hostmem`); faults: minor page faults per step.", "",
+                  "| batch | variant | ms/step (p20-p80) | faults | x reference | x reference+compile |",
+                  "|---|---|---|---|---|---|"]
         for batch, rows in cs["train_step"].items():
             for r in rows:
                 lines.append(f"| {batch} | {r['variant']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) | "
+                             f"{_fmt(r.get('page_faults'), '.0f')} | "
                              f"{_fmt(r.get('x_reference'), '.2f')} | {_fmt(r.get('x_reference+compile'), '.2f')} |")
         for r in cs.get("sampling") or []:
             lines.append(f"| sampler | {r.get('variant', r['backend'])} | {r['median_ms']:.2f} | "
+                         f"{_fmt(r.get('page_faults'), '.0f')} | "
                          f"{_fmt(r.get('x_reference'), '.2f')} | {_fmt(r.get('x_reference+compile'), '.2f')} |")
     acc = report.get("accounting", {})
     lines += ["", f"## Training-step accounting ({acc.get('network')}, batch {acc.get('batch')}, {acc.get('dtype')})",

@@ -33,6 +33,16 @@ def test_interleaved_runs_every_fn_in_turns():
     assert all(r["median_ms"] >= 0 for r in res.values())
 
 
+def test_interleaved_counts_page_faults_per_run():
+    import torch
+    # 64 MiB written per run: above any malloc mmap threshold, so mapped afresh every time (16,384 faults
+    # of 4 KiB pages, or 32 where transparent huge pages back it)
+    fns = {"touch": lambda: torch.ones(1 << 24).sum(), "none": lambda: None}
+    res = S.interleaved(fns, rounds=2, reps=2, warmup=0)
+    assert res["none"]["page_faults"] < 16
+    assert res["touch"]["page_faults"] >= 30
+
+
 def test_ratios_and_targets():
     res = {"reference": {"median_ms": 150.0}, "reference+compile": {"median_ms": 110.0},
            "cuda": {"median_ms": 100.0}}

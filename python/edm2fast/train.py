@@ -76,7 +76,7 @@ SMALL_PRESETS: dict[str, dict] = {
 _RESUMABLE_CHANGES = {"duration", "slice", "status", "checkpoint", "snapshot", "backend", "compile", "step_mode",
                       "channels_last",
                       "workers", "device", "progress", "keep_checkpoints", "batch_gpu", "run_dir", "bench",
-                      "require_labels"}
+                      "require_labels", "malloc_tuning"}
 
 # The release prints a status line every 128 Ki images.
 RELEASE_STATUS_NIMG = 128 * Ki
@@ -214,6 +214,7 @@ class TrainConfig:
     workers: int = 0                # DataLoader workers (0: load in the main process)
     progress: bool = True           # tqdm progress bar (rank 0)
     bench: bool = True              # cuDNN autotuning (torch.backends.cudnn.benchmark), as the release
+    malloc_tuning: bool = True      # CPU: keep freed memory in the heap (edm2fast.hostmem.retain_freed_memory)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -308,8 +309,9 @@ def _resolve(cfg: TrainConfig) -> dict:
         raise ValueError(f"keep_checkpoints: expected an integer >= 1, got {r['keep_checkpoints']!r}")
     if int(r["seed"]) != r["seed"] or r["seed"] < 0:
         raise ValueError(f"seed: expected an integer >= 0, got {r['seed']!r}")
-    if not isinstance(r.get("channels_last", False), bool):
-        raise ValueError(f"channels_last: expected True or False, got {r['channels_last']!r}")
+    for key in ("channels_last", "malloc_tuning"):
+        if not isinstance(r.get(key, False), bool):
+            raise ValueError(f"{key}: expected True or False, got {r[key]!r}")
     if r["step_mode"] not in ("auto", "eager", "graph", "compile"):
         raise ValueError(f"step_mode: expected auto, eager, graph or compile, got {r['step_mode']!r}")
     if r["workers"] < 0:
@@ -515,6 +517,10 @@ class Trainer:
 
         mk.set_backend(self.cfg["backend"])
         cfg = self.cfg
+        self._host_memory_note = None
+        if self.device.type == "cpu" and cfg["malloc_tuning"]:
+            from .hostmem import retain_freed_memory
+            self._host_memory_note = retain_freed_memory()[1]  # logged once the run directory exists
         self.data = _Data(cfg["data"], cfg["cond"], int(cfg["seed"]), self.rank, self.world_size)
         if cfg["dtype"] is None:
             cfg["dtype"] = "fp16" if self.device.type == "cuda" else "fp32"
@@ -835,6 +841,8 @@ class Trainer:
                  f"({self.rounds} x {self.batch_gpu} x {self.world_size} processes), {cfg['dtype']}, "
                  f"backend {mk.get_backend()}, device {self.device}; from {self.cur_nimg} to {stop} "
                  f"of {duration} images")
+        if self._host_memory_note:
+            self.log(self._host_memory_note)
         start_nimg = self.cur_nimg
         bar = None
         if cfg["progress"] and self.is_writer:

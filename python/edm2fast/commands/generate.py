@@ -365,6 +365,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how the network evaluations run: graph = one CUDA graph per batch shape, replayed "
                              "(the eager images); compile = torch.compile; auto (default) = graph on CUDA, else "
                              "eager, saying why once")
+    parser.add_argument("--malloc-tuning", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
+                        help="on a CPU device, keep freed tensor memory in the process (glibc mallopt) instead of "
+                             "returning it to the system after every network evaluation (default: 1; "
+                             "edm2fast.hostmem)")
     g = parser.add_argument_group("latent models")
     g.add_argument("--no-decode", action="store_true",
                    help="write the raw latents (latents.npy, the VAE's scale) instead of decoding them to PNGs")
@@ -452,6 +456,9 @@ def run(args) -> int:
 
 def _run(args, dist, net_path, gnet_path, guidance) -> int:
     device = dist.device
+    if device.type == "cpu" and args.malloc_tuning:
+        from ..hostmem import retain_freed_memory
+        retain_freed_memory()
     net = load_net(net_path, "net", device, args.dtype, args.channels_last)
     gnet = load_net(gnet_path, "gnet", device, args.dtype, args.channels_last) if gnet_path else None
     if gnet is None and guidance != 1:

@@ -169,6 +169,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bench", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
                    help="cuDNN autotuning, torch.backends.cudnn.benchmark (default: 1, as the release)")
     g.add_argument("--backend", default="auto", help="mpkernels backend: auto, reference, triton, cuda")
+    g.add_argument("--malloc-tuning", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="on a CPU device, keep freed tensor memory in the process (glibc mallopt) instead of "
+                        "returning it to the system every step: fewer page faults, more resident memory "
+                        "(default: 1; edm2fast.hostmem)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
     g.add_argument("--channels-last", type=bool_arg, nargs="?", const=True, default=False, metavar="BOOL",
                    help="run the U-Net in the channels_last memory format (faster convolutions on CPUs and tensor "
@@ -211,7 +215,7 @@ def config_from_args(args):
         dropout=args.dropout, lr=args.lr, decay=args.decay, P_mean=args.P_mean, P_std=args.P_std,
         duration=args.duration, batch=args.batch, batch_gpu=args.batch_gpu, rampup=args.rampup, dtype=dtype,
         loss_scale=args.loss_scale, backend=args.backend, compile=args.compile, step_mode=args.step_mode,
-        channels_last=bool(args.channels_last),
+        channels_last=bool(args.channels_last), malloc_tuning=bool(args.malloc_tuning),
         seed=args.seed,
         ema_stds=tuple(args.ema_stds), snapshot=args.snapshot, snapshot_dtype=args.snapshot_dtype,
         prefix=args.prefix, checkpoint=args.checkpoint, keep_checkpoints=args.keep_checkpoints,
