@@ -119,5 +119,20 @@ def test_cli_flag():
     base = ["train", "--outdir", "o", "--data", "digits16"]
     assert config_from_args(parser.parse_args(base)).malloc_tuning is True
     assert config_from_args(parser.parse_args(base + ["--malloc-tuning", "0"])).malloc_tuning is False
-    gen = parser.parse_args(["generate", "--net", "n.safetensors", "--outdir", "g", "--malloc-tuning", "0"])
-    assert gen.malloc_tuning is False
+    for argv in (["generate", "--net", "n.safetensors", "--outdir", "g"], ["sweep", "--indir", "r"],
+                 ["eval", "--net", "n.safetensors"]):
+        assert parser.parse_args(argv).malloc_tuning is True, argv
+        assert parser.parse_args(argv + ["--malloc-tuning", "0"]).malloc_tuning is False, argv
+
+
+@pytest.mark.parametrize("device, flag, applied", [("cpu", True, True), ("cpu", False, False), ("meta", True, False)])
+def test_sampling_commands_apply_it_on_cpu_only(monkeypatch, device, flag, applied):
+    import argparse
+
+    import torch
+
+    from edm2fast.commands.generate import apply_malloc_tuning
+    calls = []
+    monkeypatch.setattr(hostmem, "retain_freed_memory", lambda: calls.append(1) or (True, ""))
+    apply_malloc_tuning(argparse.Namespace(malloc_tuning=flag), torch.device(device))
+    assert len(calls) == int(applied)

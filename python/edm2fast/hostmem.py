@@ -24,8 +24,8 @@ Measured on the benchmark machine (2-vCPU AMD EPYC, small network at batch 32, f
 backend, channels_last): 8,977 minor page faults and 127.6 ms per training step with glibc's
 defaults in a fresh process, 43 faults and 102.5 ms with these settings.
 
-It does nothing (and says why) where the C library is not glibc. The trainer and ``generate``
-call it for CPU devices unless told not to (``--malloc-tuning 0``); the same settings are
+It does nothing (and says why) where the C library is not glibc. The trainer, ``generate``,
+``sweep`` and ``eval`` call it for CPU devices unless told not to (``--malloc-tuning 0``); the same settings are
 available to any program as ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...``.
 """
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..cli import UserError
-from .generate import _device, class_labels_for, generate_images, load_net, parse_seeds, seeds_arg, set_backend
+from .generate import _device, add_malloc_tuning_argument, apply_malloc_tuning, class_labels_for, generate_images, \
+    load_net, parse_seeds, seeds_arg, set_backend
 from .train import nonneg_float, positive_int
 
 DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier cache folder (default: $EDM2FAST_CACHE or ~/.cache/edm2fast)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_malloc_tuning_argument(parser)
     parser.add_argument("--backend", default="auto", help="mpkernels backend (default: auto)")
 
 
@@ -100,6 +102,7 @@ def run(args) -> int:
         source = args.samples
     else:
         device = _device(args.device)
+        apply_malloc_tuning(args, device)
         net = load_net(args.net, "net", device)
         check_digits_net(net)
         gnet = load_net(args.gnet, "gnet", device) if args.gnet else None

@@ -365,10 +365,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how the network evaluations run: graph = one CUDA graph per batch shape, replayed "
                              "(the eager images); compile = torch.compile; auto (default) = graph on CUDA, else "
                              "eager, saying why once")
-    parser.add_argument("--malloc-tuning", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
-                        help="on a CPU device, keep freed tensor memory in the process (glibc mallopt) instead of "
-                             "returning it to the system after every network evaluation (default: 1; "
-                             "edm2fast.hostmem)")
+    add_malloc_tuning_argument(parser)
     g = parser.add_argument_group("latent models")
     g.add_argument("--no-decode", action="store_true",
                    help="write the raw latents (latents.npy, the VAE's scale) instead of decoding them to PNGs")
@@ -404,6 +401,21 @@ def shard_seeds(seeds, batch: int, rank: int, world: int) -> list[int]:
     num_batches = max((len(seeds) - 1) // (batch * world) + 1, 1) * world
     batches = np.array_split(np.arange(len(seeds)), num_batches)[rank::world]
     return [seeds[i] for b in batches for i in b.tolist()]
+
+
+def add_malloc_tuning_argument(parser: argparse.ArgumentParser) -> None:
+    """``--malloc-tuning BOOL`` of the sampling commands (generate, sweep, eval)."""
+    parser.add_argument("--malloc-tuning", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
+                        help="on a CPU device, keep freed tensor memory in the process (glibc mallopt) instead of "
+                             "returning it to the system after every network evaluation (default: 1; "
+                             "edm2fast.hostmem)")
+
+
+def apply_malloc_tuning(args, device: torch.device) -> None:
+    """:func:`edm2fast.hostmem.retain_freed_memory` for a CPU device, unless ``--malloc-tuning 0``."""
+    if device.type == "cpu" and args.malloc_tuning:
+        from ..hostmem import retain_freed_memory
+        retain_freed_memory()
 
 
 class _Dist:
@@ -456,9 +468,7 @@ def run(args) -> int:
 
 def _run(args, dist, net_path, gnet_path, guidance) -> int:
     device = dist.device
-    if device.type == "cpu" and args.malloc_tuning:
-        from ..hostmem import retain_freed_memory
-        retain_freed_memory()
+    apply_malloc_tuning(args, device)
     net = load_net(net_path, "net", device, args.dtype, args.channels_last)
     gnet = load_net(gnet_path, "gnet", device, args.dtype, args.channels_last) if gnet_path else None
     if gnet is None and guidance != 1:

@@ -19,8 +19,8 @@ import json
 import os
 
 from ..cli import UserError
-from .generate import _device, class_labels_for, generate_images, parse_seeds, set_backend, to_uint8, make_grid, \
-    save_png
+from .generate import _device, add_malloc_tuning_argument, apply_malloc_tuning, class_labels_for, generate_images, \
+    make_grid, parse_seeds, save_png, set_backend, to_uint8
 from .train import nimg_arg, positive_int, std_list
 
 DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-nets", action="store_true", help="also write the reconstructed snapshots")
     parser.add_argument("--cache", default=None, metavar="DIR", help="classifier cache folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_malloc_tuning_argument(parser)
     parser.add_argument("--backend", default="auto", help="mpkernels backend (default: auto)")
 
 
@@ -76,6 +77,7 @@ def run(args) -> int:
     from .eval import check_digits_net
     set_backend(args.backend)
     device = _device(args.device)
+    apply_malloc_tuning(args, device)
     outdir = args.outdir or os.path.join(args.indir, "sweep")
     try:
         snaps = posthoc.list_snapshots(args.indir, args.prefix)
