@@ -62,7 +62,6 @@ def test_a_refused_value_is_reported_not_an_error(monkeypatch):
             return 0
 
     monkeypatch.setattr(hostmem, "_glibc", RefusingLibc)
-    monkeypatch.setattr(hostmem, "_applied", None)
     applied, msg = hostmem.retain_freed_memory(mmap_threshold=64 << 20)
     assert not applied and "refused M_MMAP_THRESHOLD" in msg and "67108864" in msg
     assert RefusingLibc.calls == [hostmem._M_MMAP_THRESHOLD]  # the trim threshold is left alone then
@@ -81,7 +80,6 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
 
 def test_not_glibc_is_reported_not_an_error(monkeypatch):
     monkeypatch.setattr(hostmem, "_glibc", lambda: None)
-    monkeypatch.setattr(hostmem, "_applied", None)
     applied, msg = hostmem.retain_freed_memory()
     assert not applied and "not glibc" in msg
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ..cli import UserError
-from .generate import _device, add_malloc_tuning_argument, apply_malloc_tuning, class_labels_for, generate_images, \
+from .generate import _device, apply_malloc_tuning, class_labels_for, generate_images, \
     load_net, parse_seeds, seeds_arg, set_backend
-from .train import nonneg_float, positive_int
+from .train import add_malloc_tuning_argument, nonneg_float, positive_int
 
 DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
 
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier cache folder (default: $EDM2FAST_CACHE or ~/.cache/edm2fast)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    add_malloc_tuning_argument(parser)
+    add_malloc_tuning_argument(parser, "after every network evaluation")
     parser.add_argument("--backend", default="auto", help="mpkernels backend (default: auto)")
 
 

@@ -40,7 +40,8 @@ import torch
 from ..cli import UserError
 from ..cli import resolve_device as _device
 from .dataset import add_vae_arguments, open_vae
-from .train import bool_arg, finite_float, nonneg_float, nonneg_int, positive_float, positive_int
+from .train import add_malloc_tuning_argument, bool_arg, finite_float, nonneg_float, nonneg_int, positive_float, \
+    positive_int
 
 DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
 
@@ -365,7 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how the network evaluations run: graph = one CUDA graph per batch shape, replayed "
                              "(the eager images); compile = torch.compile; auto (default) = graph on CUDA, else "
                              "eager, saying why once")
-    add_malloc_tuning_argument(parser)
+    add_malloc_tuning_argument(parser, "after every network evaluation")
     g = parser.add_argument_group("latent models")
     g.add_argument("--no-decode", action="store_true",
                    help="write the raw latents (latents.npy, the VAE's scale) instead of decoding them to PNGs")
@@ -401,14 +402,6 @@ def shard_seeds(seeds, batch: int, rank: int, world: int) -> list[int]:
     num_batches = max((len(seeds) - 1) // (batch * world) + 1, 1) * world
     batches = np.array_split(np.arange(len(seeds)), num_batches)[rank::world]
     return [seeds[i] for b in batches for i in b.tolist()]
-
-
-def add_malloc_tuning_argument(parser: argparse.ArgumentParser) -> None:
-    """``--malloc-tuning BOOL`` of the sampling commands (generate, sweep, eval)."""
-    parser.add_argument("--malloc-tuning", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
-                        help="on a CPU device, keep freed tensor memory in the process (glibc mallopt) instead of "
-                             "returning it to the system after every network evaluation (default: 1; "
-                             "edm2fast.hostmem)")
 
 
 def apply_malloc_tuning(args, device: torch.device) -> None:

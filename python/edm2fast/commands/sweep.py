@@ -19,9 +19,9 @@ import json
 import os
 
 from ..cli import UserError
-from .generate import _device, add_malloc_tuning_argument, apply_malloc_tuning, class_labels_for, generate_images, \
+from .generate import _device, apply_malloc_tuning, class_labels_for, generate_images, \
     make_grid, parse_seeds, save_png, set_backend, to_uint8
-from .train import nimg_arg, positive_int, std_list
+from .train import add_malloc_tuning_argument, nimg_arg, positive_int, std_list
 
 DESCRIPTION = __doc__.replace("``", "").replace("::", ":")
 DEFAULT_STDS = "0.010,0.020,0.030,0.050,0.070,0.100,0.150,0.200"
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-nets", action="store_true", help="also write the reconstructed snapshots")
     parser.add_argument("--cache", default=None, metavar="DIR", help="classifier cache folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    add_malloc_tuning_argument(parser)
+    add_malloc_tuning_argument(parser, "after every network evaluation")
     parser.add_argument("--backend", default="auto", help="mpkernels backend (default: auto)")
 
 

@@ -92,6 +92,14 @@ def bool_arg(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false, yes/no), got {value!r}")
 
 
+def add_malloc_tuning_argument(parser, when: str) -> None:
+    """``--malloc-tuning BOOL`` (train, generate, sweep, eval): :mod:`edm2fast.hostmem` on CPU devices."""
+    parser.add_argument("--malloc-tuning", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
+                        help="on a CPU device, keep freed tensor memory in the process (glibc mallopt) instead of "
+                             f"returning it to the system {when}: fewer page faults, more resident memory "
+                             "(default: 1; edm2fast.hostmem)")
+
+
 def batch_gpu_arg(value: str):
     """``--batch-gpu``: images per process per round; 0 (the release's default) = no limit."""
     v = nimg_arg(value)
@@ -169,10 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bench", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
                    help="cuDNN autotuning, torch.backends.cudnn.benchmark (default: 1, as the release)")
     g.add_argument("--backend", default="auto", help="mpkernels backend: auto, reference, triton, cuda")
-    g.add_argument("--malloc-tuning", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
-                   help="on a CPU device, keep freed tensor memory in the process (glibc mallopt) instead of "
-                        "returning it to the system every step: fewer page faults, more resident memory "
-                        "(default: 1; edm2fast.hostmem)")
+    add_malloc_tuning_argument(g, "every step")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
     g.add_argument("--channels-last", type=bool_arg, nargs="?", const=True, default=False, metavar="BOOL",
                    help="run the U-Net in the channels_last memory format (faster convolutions on CPUs and tensor "
