@@ -7,6 +7,9 @@ forward, backward, force-finite gradients, Adam, power-function EMA), for the va
 * ``reference+compile``: the reference network under ``torch.compile``, one ``force_normalize_`` per step;
 * ``<backend>``: a fused backend (on CPU, ``cuda`` is the extension's C++ CPU twins), eager;
 * ``<backend>+compile``: the network under ``torch.compile`` with the fused backend active;
+* ``<backend>+step``: the whole training step as one ``torch.compile(fullgraph=True)`` region, the
+  trainer's ``--step-mode compile`` (:class:`edm2fast.graphs.CompiledStep`; any backend, ``reference``
+  included, and with ``+cl``);
 
 at two settings of the small network (:data:`benchmarks.cases.SMALL_CONFIG`, 16x16): the default
 CPU batch (2, host-bound) and batch 32 (compute-bound). Every variant is built first, then the
@@ -59,6 +62,8 @@ def make_sampler(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch
     from edm2fast.sampler import edm_sampler
 
     backend = _backend(variant)
+    if "+step" in variant:
+        raise ValueError(f"variant: '+step' (the whole training step compiled) has no sampler, got {variant!r}")
     if "+cl" in variant:
         net_kwargs = {**net_kwargs, "channels_last": True}
     net = M._build(net_kwargs, dtype, device).eval()
@@ -224,7 +229,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="*", default=[2, 32], help="training-step batches (none: sampler only)")
     p.add_argument("--variants", nargs="+", default=["reference", "reference+compile", "cuda", "cuda+cl"],
-                   help="<backend>[+cl][+compile]: +cl = the U-Net in channels_last, +compile = torch.compile")
+                   help="<backend>[+cl][+compile|+step]: +cl = the U-Net in channels_last, +compile = the network "
+                        "under torch.compile, +step = the whole training step as one compiled region (the "
+                        "trainer's --step-mode compile; not in the sampler table)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--sampler-steps", type=int, default=8, help="Heun steps (0: no sampler table)")
@@ -272,7 +279,7 @@ def main(argv=None) -> dict:
         report["train_step"][b] = rows
         _print_train(b, rows, args.fused_adam)
     if args.sampler_steps:
-        variants = list(dict.fromkeys(["reference", *args.variants]))
+        variants = list(dict.fromkeys(["reference", *(v for v in args.variants if "+step" not in v)]))
         rows = sampler_table(net_kwargs, args.sampler_batch, variants, args.sampler_steps,
                              rounds=args.sampler_rounds)
         report["sampling"] = rows

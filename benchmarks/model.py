@@ -10,6 +10,9 @@ gradients, Adam (betas 0.9, 0.99), power-function EMA update. Variants:
 * each fused backend, eager, forced weight normalization folded into the U-Net's one
   ``mp_weights`` call (``networks.fold_forced_norm``, as the trainer's eager step); under
   ``+compile`` with the multi-tensor ``force_normalize_`` call.
+* ``<backend>+step``: the whole step (forced weight normalization, forward, backward, clean-up,
+  Adam, EMA) as one ``torch.compile(fullgraph=True)`` region, the trainer's ``--step-mode compile``
+  (:class:`edm2fast.graphs.CompiledStep`, run on the benchmark's fixed batch).
 
 Accounting (needs no GPU): the step's forward and backward are traced on the meta
 device under a ``TorchDispatchMode`` that counts every non-view op (about one kernel
@@ -205,18 +208,38 @@ def account_training_step(backends, preset: str = ACCOUNTING_PRESET, batch: int 
 
 
 def variant_backend(variant: str) -> str:
-    """The backend of a step variant ``<backend>[+cl][+compile]``; ValueError naming ``variant`` otherwise.
+    """The backend of a step variant ``<backend>[+cl][+compile|+step]``; ValueError naming ``variant`` otherwise.
 
     ``+cl``: the U-Net in channels_last (``Precond(channels_last=True)``); ``+compile``: the network
-    under ``torch.compile`` (with the backend active)."""
+    under ``torch.compile`` (with the backend active); ``+step``: the whole training step as one
+    compiled region (the trainer's ``--step-mode compile``; training steps only)."""
     if not isinstance(variant, str):
         raise TypeError(f"variant: expected a string, got {type(variant).__name__}")
     backend, *flags = variant.split("+")
-    if any(f not in ("compile", "cl") for f in flags) or len(set(flags)) != len(flags) or \
-            backend not in mk.registered_backends():
-        raise ValueError(f"variant: expected '<backend>' with optional '+cl' (channels_last) and '+compile', a "
-                         f"backend in {mk.registered_backends()}, got {variant!r}")
+    if any(f not in ("compile", "cl", "step") for f in flags) or len(set(flags)) != len(flags) or \
+            {"compile", "step"} <= set(flags) or backend not in mk.registered_backends():
+        raise ValueError(f"variant: expected '<backend>' with optional '+cl' (channels_last) and one of '+compile' "
+                         f"or '+step', a backend in {mk.registered_backends()}, got {variant!r}")
     return backend
+
+
+class _StepHost:
+    """What :class:`edm2fast.graphs.CompiledStep` reads from a trainer, for the benchmark's network,
+    optimizer, EMA and fixed batch (one process, ``loss_scale`` 1)."""
+
+    def __init__(self, net, ema, optimizer, loss_fn, x, labels, batch: int):
+        from edm2fast.networks import forced_norm_weights
+        self.net = self._forward = net
+        self.ema, self.optimizer, self.loss_fn = ema, optimizer, loss_fn
+        self.device = x.device
+        self.cfg = {"batch": batch, "loss_scale": 1.0}
+        self.world_size = 1
+        self.cur_nimg = 0
+        self._mpconv_weights = forced_norm_weights(net)
+        self._images = (x, labels)
+
+    def _round_batch(self, cur_nimg: int, j: int, generator):
+        return self._images
 
 
 def make_train_step(net_kwargs: dict, batch: int, dtype: torch.dtype, device: torch.device, variant: str,
@@ -244,6 +267,16 @@ def make_train_step(net_kwargs: dict, batch: int, dtype: torch.dtype, device: to
                            fused=True if fused_adam is None else fused_adam)
     loss_fn = EDM2Loss()
     x, labels = _batch(net, batch, device)
+    if "+step" in variant:
+        from edm2fast.graphs import CompiledStep
+        host = _StepHost(net, ema, opt, loss_fn, x, labels, batch)
+        whole = CompiledStep(host)
+
+        def step_compiled():
+            with mk.use_backend(backend):
+                whole.step(1e-4, seed=host.cur_nimg)
+
+        return step_compiled
     weights = forced_norm_weights(net)
     state = {"nimg": 0}
 

@@ -11,12 +11,14 @@ TINY = dict(img_resolution=8, img_channels=2, label_dim=0, model_channels=8, cha
 
 @pytest.mark.parametrize("variant, backend", [("reference", "reference"), ("reference+compile", "reference"),
                                               ("cuda", "cuda"), ("triton+compile", "triton"),
-                                              ("cuda+cl", "cuda"), ("reference+cl+compile", "reference")])
+                                              ("cuda+cl", "cuda"), ("reference+cl+compile", "reference"),
+                                              ("cuda+step", "cuda"), ("reference+cl+step", "reference")])
 def test_backend_of_variant(variant, backend):
     assert S._backend(variant) == backend
 
 
-@pytest.mark.parametrize("bad", ["", "nope", "reference+eager", "cuda+compile+compile", "cuda+cl+cl"])
+@pytest.mark.parametrize("bad", ["", "nope", "reference+eager", "cuda+compile+compile", "cuda+cl+cl", "cuda+step+step",
+                                 "cuda+compile+step"])
 def test_bad_variant_names_the_argument(bad):
     with pytest.raises(ValueError, match="variant"):
         S._backend(bad)
@@ -70,6 +72,39 @@ def test_train_step_updates_the_network(variant, monkeypatch):
     after = list(built[0].parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
     assert all(torch.isfinite(p).all() for p in after)
+
+
+@pytest.mark.parametrize("variant", ["reference+step", "reference+cl+step"])
+def test_whole_step_variant_trains_in_one_region(variant, monkeypatch):
+    # '+step' is the trainer's CompiledStep (fullgraph: a graph break raises), here with aot_eager
+    # instead of Inductor to keep it quick; the weights and both EMAs move and stay finite.
+    import functools
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(_compile_aot_eager, real_compile))
+    built = []
+    real_build = S.M._build
+    monkeypatch.setattr(S.M, "_build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    torch._dynamo.reset()
+    step = S.make_train_step(TINY, 2, torch.float32, torch.device("cpu"), variant)
+    net = built[0]
+    before = [p.detach().clone() for p in net.parameters()]
+    for _ in range(2):
+        step()
+    after = list(net.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert all(torch.isfinite(p).all() for p in after)
+    assert net.training and ("+cl" not in variant or net.channels_last)
+
+
+def _compile_aot_eager(real_compile, fn, **kwargs):
+    assert kwargs.get("fullgraph") is True
+    return real_compile(fn, **{**kwargs, "backend": "aot_eager", "mode": None})
+
+
+def test_whole_step_variant_has_no_sampler():
+    with pytest.raises(ValueError, match="variant"):
+        S.make_sampler(TINY, 2, torch.float32, torch.device("cpu"), "cuda+step", num_steps=2)
 
 
 def test_breakdown_groups_add_up(monkeypatch):
