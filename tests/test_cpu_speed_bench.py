@@ -82,18 +82,32 @@ def test_whole_step_variant_trains_in_one_region(variant, monkeypatch):
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", functools.partial(_compile_aot_eager, real_compile))
-    built = []
+    from edm2fast import phema
+
+    built, emas = [], []
     real_build = S.M._build
     monkeypatch.setattr(S.M, "_build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+
+    class RecordedEMA(phema.PowerFunctionEMA):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            emas.append(self)
+
+    monkeypatch.setattr(phema, "PowerFunctionEMA", RecordedEMA)
     torch._dynamo.reset()
     step = S.make_train_step(TINY, 2, torch.float32, torch.device("cpu"), variant)
-    net = built[0]
+    net, (ema,) = built[0], emas
     before = [p.detach().clone() for p in net.parameters()]
+    ema_before = [[p.detach().clone() for p in e.parameters()] for e in ema.emas]
     for _ in range(2):
         step()
     after = list(net.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
     assert all(torch.isfinite(p).all() for p in after)
+    assert len(ema.emas) == 2
+    for e, old in zip(ema.emas, ema_before):
+        assert any(not torch.equal(a, b) for a, b in zip(e.parameters(), old))
+        assert all(torch.isfinite(p).all() for p in e.parameters())
     assert net.training and ("+cl" not in variant or net.channels_last)
 
 
