@@ -171,8 +171,12 @@ def _backend_available(name):
     return name in mk.available_backends()
 
 
+# The Triton case runs every kernel of four steps in Triton's interpreter (about 145 s on a 2-core
+# machine, the slowest test of CI's selection): marked ``exhaustive``, so the main CI run leaves it
+# out. It still runs in ``bash scripts/test.sh`` and in CI's compatibility stage
+# (``scripts/test_compat.sh``: torch 2.11 / Triton 3.6, the GPU machine's versions).
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cuda", pytest.param("triton", marks=pytest.mark.exhaustive)])
 def test_compiled_step_matches_eager_on_cpu(tmp_path, tiny_data, backend):
     """Two steps: forced weight normalization, forward, backward, clean-up, Adam and EMA in one
     fullgraph region (a graph break raises); weights within 1e-6 of the eager step's."""
