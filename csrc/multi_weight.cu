@@ -9,6 +9,7 @@
 // the chunks below fit in 4 KB everywhere, so a list longer than a chunk (an EDM2 network has
 // about 160 weights) takes a few launches per group.
 #include "cuda_common.cuh"
+#include "weight_rows.cuh"
 #include "multi_weight.h"
 
 namespace mpk {
@@ -67,18 +68,6 @@ struct GainBatch {
 };
 static_assert(sizeof(GainBatch) <= kParamBytes, "mp_weights gain chunk exceeds the kernel-parameter space");
 
-__device__ __forceinline__ int find_weight(const int32_t* block_start, int count, int64_t block) {
-  int lo = 0, hi = count - 1;  // largest i with block_start[i] <= block
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (block_start[mid] <= block)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
-
 // Same scale as mp_weight's kernel (csrc/weights.cu): k = gain * (1 / sqrt(len)).
 template <typename Batch>
 __device__ __forceinline__ float gain_scale(const Batch& b, int t, float inv_sqrt_len) {
@@ -94,40 +83,15 @@ template <typename TW, typename TO>
 __device__ __forceinline__ void fwd_row(const TW* w, TO* out, int64_t len, float k, float inv_len, float eps,
                                         float* rms, int lane) {
   const bool vec = len % kUnit == 0 && aligned16_dev(w) && aligned16_dev(out);
-  float acc = 0.0f;
-  if (vec) {
-    for (int64_t i = static_cast<int64_t>(lane) * kUnit; i < len; i += 32 * kUnit) {
-      float v[kUnit];
-      load8(w + i, v);
-#pragma unroll
-      for (int j = 0; j < kUnit; ++j) acc += v[j] * v[j];
-    }
-  } else {
-    for (int64_t i = lane; i < len; i += 32) {
-      const float v = to_f(w[i]);
-      acc += v * v;
-    }
-  }
-  const float rv = rms_from_sumsq(warp_sum(acc), inv_len);
+  const float rv = rms_from_sumsq(warp_sum(lane_sumsq(w, len, vec, lane)), inv_len);
   if (lane == 0) *rms = rv;
-  const float sc = inv_denom(rv, eps) * k;
-  if (vec) {
-    for (int64_t i = static_cast<int64_t>(lane) * kUnit; i < len; i += 32 * kUnit) {
-      float v[kUnit];
-      load8(w + i, v);
-#pragma unroll
-      for (int j = 0; j < kUnit; ++j) v[j] *= sc;
-      store8(out + i, v);
-    }
-  } else {
-    for (int64_t i = lane; i < len; i += 32) out[i] = from_f<TO>(to_f(w[i]) * sc);
-  }
+  lane_scale(w, out, len, inv_denom(rv, eps) * k, vec, lane);
 }
 
 template <typename TO>
 __global__ void __launch_bounds__(kThreads)
     mp_weights_fwd_kernel(const __grid_constant__ FwdBatch b, float eps, float* __restrict__ rms) {
-  const int t = find_weight(b.block_start, b.count, blockIdx.x);
+  const int t = block_owner(b.block_start, b.count, blockIdx.x);
   const int32_t row = (static_cast<int32_t>(blockIdx.x) - b.block_start[t]) * kWarps + (threadIdx.x >> 5);
   if (row >= b.rows[t]) return;  // uniform per warp
   const int lane = threadIdx.x & 31;
@@ -151,33 +115,10 @@ template <typename TW, typename TG>
 __device__ __forceinline__ void bwd_row(const TG* g, const TW* w, TW* gw, int64_t len, float k, float inv_len,
                                         float rv, float eps, float* partial, int lane) {
   const bool vec = len % kUnit == 0 && aligned16_dev(g) && aligned16_dev(w) && aligned16_dev(gw);
-  float acc = 0.0f;
-  if (vec) {
-    for (int64_t i = static_cast<int64_t>(lane) * kUnit; i < len; i += 32 * kUnit) {
-      float gv[kUnit], wv[kUnit];
-      load8(g + i, gv);
-      load8(w + i, wv);
-#pragma unroll
-      for (int j = 0; j < kUnit; ++j) acc += gv[j] * wv[j];
-    }
-  } else {
-    for (int64_t i = lane; i < len; i += 32) acc += to_f(g[i]) * to_f(w[i]);
-  }
-  const float d = warp_sum(acc), r = inv_denom(rv, eps);
+  const float d = warp_sum(lane_dot(g, w, len, vec, lane)), r = inv_denom(rv, eps);
   if (partial && lane == 0) *partial = r * d;
   const float a = r * k, cd = norm_grad_coef(r, rv, inv_len) * d * k;
-  if (vec) {
-    for (int64_t i = static_cast<int64_t>(lane) * kUnit; i < len; i += 32 * kUnit) {
-      float gv[kUnit], wv[kUnit], o[kUnit];
-      load8(g + i, gv);
-      load8(w + i, wv);
-#pragma unroll
-      for (int j = 0; j < kUnit; ++j) o[j] = gv[j] * a - cd * wv[j];
-      store8(gw + i, o);
-    }
-  } else {
-    for (int64_t i = lane; i < len; i += 32) gw[i] = from_f<TW>(to_f(g[i]) * a - cd * to_f(w[i]));
-  }
+  lane_norm_grad(g, w, gw, len, a, cd, vec, lane);
 }
 
 // A weight whose effective weight got no gradient: gw = 0, no gain term.
@@ -206,7 +147,7 @@ template <typename TG>
 __global__ void __launch_bounds__(kThreads)
     mp_weights_bwd_kernel(const __grid_constant__ BwdBatch b, float eps, const float* __restrict__ rms,
                           float* __restrict__ partial) {
-  const int t = find_weight(b.block_start, b.count, blockIdx.x);
+  const int t = block_owner(b.block_start, b.count, blockIdx.x);
   const int32_t row = (static_cast<int32_t>(blockIdx.x) - b.block_start[t]) * kWarps + (threadIdx.x >> 5);
   if (row >= b.rows[t]) return;  // uniform per warp
   const int lane = threadIdx.x & 31;

@@ -8,6 +8,7 @@
 // (< 4 KB, read in place as __grid_constant__), each block finds its tensor by binary search over
 // a prefix sum of block counts.
 #include "cuda_common.cuh"
+#include "weight_rows.cuh"
 
 namespace mpk {
 namespace cuda {
@@ -17,42 +18,6 @@ using namespace detail;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;  // rows per block
-
-// Sum of squares of a row, spread over the lanes of a warp (no cross-lane reduction).
-template <typename T>
-__device__ __forceinline__ float lane_sumsq(const T* p, int64_t len, bool vec, int lane) {
-  float acc = 0.0f;
-  if (vec) {
-    for (int64_t i = static_cast<int64_t>(lane) * kUnit; i < len; i += 32 * kUnit) {
-      float v[kUnit];
-      load8(p + i, v);
-#pragma unroll
-      for (int k = 0; k < kUnit; ++k) acc += v[k] * v[k];
-    }
-  } else {
-    for (int64_t i = lane; i < len; i += 32) {
-      const float v = to_f(p[i]);
-      acc += v * v;
-    }
-  }
-  return acc;
-}
-
-// out[i] = in[i] * scale for a row (out may alias in).
-template <typename TI, typename TO>
-__device__ __forceinline__ void lane_scale(const TI* in, TO* out, int64_t len, float scale, bool vec, int lane) {
-  if (vec) {
-    for (int64_t i = static_cast<int64_t>(lane) * kUnit; i < len; i += 32 * kUnit) {
-      float v[kUnit];
-      load8(in + i, v);
-#pragma unroll
-      for (int k = 0; k < kUnit; ++k) v[k] *= scale;
-      store8(out + i, v);
-    }
-  } else {
-    for (int64_t i = lane; i < len; i += 32) out[i] = from_f<TO>(to_f(in[i]) * scale);
-  }
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -81,34 +46,11 @@ __global__ void __launch_bounds__(kThreads)
   const T* wr = w + row * len;
   const float* gr = g + row * len;
   T* gwr = gw + row * len;
-  float acc = 0.0f;
-  if (vec) {
-    for (int64_t i = static_cast<int64_t>(lane) * kUnit; i < len; i += 32 * kUnit) {
-      float gv[kUnit], wv[kUnit];
-      load8(gr + i, gv);
-      load8(wr + i, wv);
-#pragma unroll
-      for (int j = 0; j < kUnit; ++j) acc += gv[j] * wv[j];
-    }
-  } else {
-    for (int64_t i = lane; i < len; i += 32) acc += gr[i] * to_f(wr[i]);
-  }
-  const float d = warp_sum(acc);
+  const float d = warp_sum(lane_dot(gr, wr, len, vec, lane));
   const float rv = rms[row], r = inv_denom(rv, eps);
   if (partial && lane == 0) partial[row] = r * d;
   const float a = r * k, cd = norm_grad_coef(r, rv, inv_sqrt_len * inv_sqrt_len) * d * k;
-  if (vec) {
-    for (int64_t i = static_cast<int64_t>(lane) * kUnit; i < len; i += 32 * kUnit) {
-      float gv[kUnit], wv[kUnit], out[kUnit];
-      load8(gr + i, gv);
-      load8(wr + i, wv);
-#pragma unroll
-      for (int j = 0; j < kUnit; ++j) out[j] = gv[j] * a - cd * wv[j];
-      store8(gwr + i, out);
-    }
-  } else {
-    for (int64_t i = lane; i < len; i += 32) gwr[i] = from_f<T>(gr[i] * a - cd * to_f(wr[i]));
-  }
+  lane_norm_grad(gr, wr, gwr, len, a, cd, vec, lane);
 }
 
 // One block sums `n` floats and stores the total times `scale` as one element of dtype dt.
@@ -124,18 +66,6 @@ __global__ void __launch_bounds__(kThreads) sum_to_scalar_kernel(const float* __
 // Multi-tensor ops.
 
 constexpr int kMaxTensors = 64;
-
-__device__ __forceinline__ int find_tensor(const int32_t* block_start, int count, int64_t block) {
-  int lo = 0, hi = count - 1;  // largest i with block_start[i] <= block
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (block_start[mid] <= block)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
 
 struct RowBatch {
   void* ptr[kMaxTensors];
@@ -155,7 +85,7 @@ __device__ __forceinline__ void normalize_row(T* p, int64_t len, float eps, int 
 
 __global__ void __launch_bounds__(kThreads)
     force_normalize_kernel(const __grid_constant__ RowBatch batch, float eps) {
-  const int t = find_tensor(batch.block_start, batch.count, blockIdx.x);
+  const int t = block_owner(batch.block_start, batch.count, blockIdx.x);
   const int64_t row = static_cast<int64_t>(blockIdx.x - batch.block_start[t]) * kWarps + (threadIdx.x >> 5);
   if (row >= batch.rows[t]) return;  // uniform per warp
   const int lane = threadIdx.x & 31;
@@ -210,7 +140,7 @@ __device__ __forceinline__ void lerp_chunk_src(TE* e, const void* s, DType sdt, 
 __global__ void __launch_bounds__(kThreads)
     ema_lerp_kernel(const __grid_constant__ LerpBatch batch, float weight, const float* __restrict__ weight_ptr) {
   const float w = weight_ptr ? __ldg(weight_ptr) : weight;  // once per thread
-  const int t = find_tensor(batch.block_start, batch.count, blockIdx.x);
+  const int t = block_owner(batch.block_start, batch.count, blockIdx.x);
   const int64_t first = static_cast<int64_t>(blockIdx.x - batch.block_start[t]) * kLerpChunk;
   const int64_t rest = batch.numel[t] - first;
   const int64_t n = rest < kLerpChunk ? rest : kLerpChunk;
@@ -260,7 +190,7 @@ __device__ __forceinline__ void finite_chunk(U* p, int64_t n) {
 }
 
 __global__ void __launch_bounds__(kThreads) force_finite_kernel(const __grid_constant__ FiniteBatch batch) {
-  const int t = find_tensor(batch.block_start, batch.count, blockIdx.x);
+  const int t = block_owner(batch.block_start, batch.count, blockIdx.x);
   const int64_t first = static_cast<int64_t>(blockIdx.x - batch.block_start[t]) * kLerpChunk;
   const int64_t rest = batch.numel[t] - first;
   const int64_t n = rest < kLerpChunk ? rest : kLerpChunk;

@@ -57,7 +57,7 @@ CPP_SOURCES = ("bindings.cpp", "mp_cpu.cpp", "attention_cat_bindings.cpp", "atte
 CUDA_SOURCES = ("elementwise.cu", "norms.cu", "weights.cu", "attention.cu", "cat.cu", "multi_weight.cu")
 HEADERS = ("mp_kernels.h", "mp_math.h", "mp_cpu_impl.h", "cuda_common.cuh", "launch_shapes.h", "attention_cat.h",
            "cpu_common.h", "bindings_common.h", "row_sums_cpu_impl.h",
-           "multi_weight.h", "multi_weight_cpu_impl.h", "cat_silu_cpu_impl.h")
+           "multi_weight.h", "multi_weight_cpu_impl.h", "cat_silu_cpu_impl.h", "weight_rows.cuh")
 
 # (compute capability, PTX too): sm_80 (A100), sm_86 (RTX 30xx, A40), sm_89 (L40, RTX 40xx),
 # sm_90 (H100/H200) and compute_90 PTX for anything newer.
