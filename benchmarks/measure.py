@@ -105,7 +105,7 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "device": str(device),
     }
@@ -125,7 +125,8 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -133,7 +134,7 @@ def _cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _driver_version() -> str | None:

@@ -20,23 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 
 import torch
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from .measure import cpu_name
 
 
 class BareLoop:
@@ -125,7 +115,7 @@ def measure(preset: str = "digits", data: str = "digits16", kimg: float = 8.0, b
         "bare_s_per_kimg": per_kimg(sum(bare_times), images),
         "bare_median_step_s_per_kimg": per_kimg(statistics.median(steady_bare), batch),
         "maintenance_s": trainer_total - sum(step_times),
-        "machine": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
     result["ratio_total"] = result["trainer_s_per_kimg"] / result["bare_s_per_kimg"]
     result["ratio_median_step"] = result["trainer_median_step_s_per_kimg"] / result["bare_median_step_s_per_kimg"]
