@@ -120,6 +120,17 @@ def test_setup_extension_describes_the_build(monkeypatch):
     assert "code=compute_90" in nvcc  # PTX for newer GPUs
 
 
+def test_every_csrc_file_is_in_the_build_lists():
+    """A source or header missing from _build's lists would be left out of the source hash (a stale
+    extension would pass for current) and, for a source, out of the build."""
+    listed = _build.CPP_SOURCES + _build.CUDA_SOURCES + _build.HEADERS
+    assert len(set(listed)) == len(listed), "a file is listed twice"
+    on_disk = {f for f in os.listdir(_build.CSRC) if f.endswith((".cpp", ".cu", ".h", ".cuh"))}
+    assert on_disk == set(listed), (f"not listed: {sorted(on_disk - set(listed))}; "
+                                    f"listed, not on disk: {sorted(set(listed) - on_disk)}")
+    assert _build.have_sources()
+
+
 def test_cuda_home_behind_a_wrapper_script(tmp_path, monkeypatch):
     """nvcc on PATH may be a wrapper script (as on this project's machines): find the real toolkit."""
     kit = tmp_path / "cuda-99.0"
