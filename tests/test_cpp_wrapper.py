@@ -68,9 +68,22 @@ def _step(net, model):
     return D.detach(), {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
 
 
+def _step_fp64(net):
+    """The oracle: the reference backend with the U-Net in float64 (inputs, sigma and the noise
+    embedding stay float32 as ``Precond`` makes them: rounding near 1e-7, far below the bounds)."""
+    ref = copy.deepcopy(net).double()
+    orig = networks.Precond.compute_dtype
+    networks.Precond.compute_dtype = lambda self, device, force_fp32=False: torch.float64
+    try:
+        with mk.use_backend("reference"):
+            return _step(ref, ref)
+    finally:
+        networks.Precond.compute_dtype = orig
+
+
 def test_network_compiles_with_the_cpp_wrapper_and_matches_eager():
     net = _net()
-    twin = copy.deepcopy(net)
+    twin, ref32, ref32c = (copy.deepcopy(net) for _ in range(3))
     with mk.use_backend("cuda"):
         D_eager, g_eager = _step(net, net)
         torch._dynamo.reset()
@@ -79,8 +92,27 @@ def test_network_compiles_with_the_cpp_wrapper_and_matches_eager():
                 D, g = _step(twin, torch.compile(twin, fullgraph=True))
         finally:
             torch._dynamo.reset()
+    # PyTorch's own float32 error on the same step, eager and under torch.compile (default wrapper).
+    with mk.use_backend("reference"):
+        _, g_ref = _step(ref32, ref32)
+        try:
+            _, g_refc = _step(ref32c, torch.compile(ref32c, fullgraph=True))
+        finally:
+            torch._dynamo.reset()
+    _, g64 = _step_fp64(net)
     torch.testing.assert_close(D, D_eager, rtol=1e-4, atol=1e-5)
-    assert g.keys() == g_eager.keys()
+    assert g.keys() == g_eager.keys() == g64.keys()
+    # Each gradient within twice the largest float32 error of eager (fused and reference) and of the
+    # compiled reference, against the float64 oracle. A 0-d gain's gradient is one reduction over its
+    # weight with heavy cancellation, and Inductor's reduction order differs by host (vector width):
+    # on an AVX2 host the compiled *reference* network's error there was 1.5e-05 of the gradient
+    # against 1.1e-06 eagerly, so a fixed bound against eager fails for reasons outside this package.
     for name in g:
-        scale = float(g_eager[name].abs().max()) + 1e-12
-        torch.testing.assert_close(g[name] / scale, g_eager[name] / scale, rtol=0, atol=2e-5, msg=name)
+        want = g64[name]
+        scale = float(want.abs().max()) + 1e-30
+
+        def err(got):
+            return float((got.double() - want).abs().max()) / scale
+
+        bound = 2 * max(err(g_eager[name]), err(g_ref[name]), err(g_refc[name])) + 2e-6
+        assert err(g[name]) <= bound, (name, err(g[name]), bound)
